@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from models import USM, All_models, USM_models, Zigma, Zigma_models
+from zigzag import zigzag_path
+
+
+def tiny_usm(**kwargs) -> USM:
+    kwargs = {"input_size": 16, "in_channels": 2, "hidden_size": 32, "stages": (1, 1, 1), **kwargs}
+    return USM(**kwargs)
+
+
+def randomise_zero_init(model: torch.nn.Module) -> None:
+    """Give the adaLN-Zero and final layers non-zero weights so outputs depend on every path."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(std=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(All_models))
+def test_registry_output_shapes(name: str) -> None:
+    # Built and run on the meta device: shapes without allocating the big models.
+    with torch.device("meta"):
+        model = All_models[name](input_size=32, in_channels=4, num_classes=10, learn_sigma=True)
+        out = model(torch.randn(2, 4, 32, 32), torch.rand(2), torch.tensor([0, 10]))
+    assert out.shape == (2, 8, 32, 32)
+    assert isinstance(model, USM if name in USM_models else Zigma)
+
+
+def test_usm_b_parameter_count_matches_the_paper() -> None:
+    # The released layout (authors' README: --learn_pos_emb) has about 170.6 M parameters.
+    with torch.device("meta"):
+        model = USM_models["USM-B/1"](input_size=32, in_channels=4, learn_pos_emb=True)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 170.6e6) / 170.6e6 < 0.01, n
+    assert len(model.enc_blocks) == 3 and [len(s) for s in model.enc_blocks] == [4, 4, 4]
+    assert 2 * sum(model.stages) + 1 == 25
+
+
+def test_stage_token_counts_and_paths_per_block() -> None:
+    with torch.device("meta"):
+        model = USM_models["USM-B/1"](input_size=32, in_channels=4)
+        tokens: list[int] = []
+        blocks = [b for s in model.enc_blocks for b in s] + [model.mid_block]
+        blocks += [b for s in model.dec_blocks for b in s]
+        for blk in blocks:
+            blk.register_forward_hook(lambda m, args, out: tokens.append(out.shape[1]))
+        model(torch.randn(1, 4, 32, 32), torch.rand(1))
+    assert tokens == [1024] * 4 + [256] * 4 + [64] * 4 + [16] + [64] * 4 + [256] * 4 + [1024] * 4
+    for k, blk in enumerate(blocks):  # block k scans along zigzag path k mod 8
+        grid = blk.mixer.grid
+        assert torch.equal(blk.mixer.perm.cpu(), zigzag_path(*grid, k % 8))
+
+
+def test_output_is_zero_at_init_and_every_parameter_then_learns() -> None:
+    torch.manual_seed(0)
+    model = tiny_usm(num_classes=3, context_dim=8, learn_pos_emb=True)
+    x, t, y, ctx = torch.randn(4, 2, 16, 16), torch.rand(4), torch.tensor([0, 1, 2, 3]), None
+    ctx = torch.randn(4, 5, 8)
+    assert torch.equal(model(x, t, y, ctx), torch.zeros_like(x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the first step only moves the zero-initialised layers
+        opt.zero_grad()
+        (model(x, t, y, ctx) - x).pow(2).mean().backward()
+        opt.step()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not silent, f"parameters without gradient: {silent}"
+
+
+def test_zigma_every_parameter_learns() -> None:
+    torch.manual_seed(0)
+    model = Zigma(input_size=8, in_channels=2, hidden_size=32, depth=3, num_classes=2)
+    x, t, y = torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x, t, y) - x).pow(2).mean().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+def test_decoder_consumes_encoder_outputs_last_in_first_out() -> None:
+    model = tiny_usm(stages=(2, 1, 2))
+    randomise_zero_init(model)
+    enc = [b for s in model.enc_blocks for b in s]
+    dec = [b for s in model.dec_blocks for b in s]
+    outputs, skips = {}, {}
+    for i, blk in enumerate(enc):
+        blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+    for j, blk in enumerate(dec):
+        blk.register_forward_pre_hook(lambda m, args, j=j: skips.__setitem__(j, args[3]))
+    model(torch.randn(2, 2, 16, 16), torch.rand(2))
+    for j in range(len(dec)):
+        assert skips[j] is outputs[len(enc) - 1 - j]
+
+
+def test_skip_connections_can_be_turned_off() -> None:
+    model = tiny_usm(skip_conn=False, use_convtranspose=False)
+    assert not any("skip_linear" in n for n, _ in model.named_parameters())
+    assert model(torch.randn(1, 2, 16, 16), torch.rand(1)).shape == (1, 2, 16, 16)
+
+
+def test_non_square_input_and_divisibility_errors() -> None:
+    model = tiny_usm(input_size=(8, 24), stages=(1, 1))
+    assert model(torch.randn(2, 2, 8, 24), torch.rand(2)).shape == (2, 2, 8, 24)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        tiny_usm(input_size=20)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        USM_models["USM-T/2"](input_size=24, in_channels=4)
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(2, 2, 16, 16), torch.rand(2))
+
+
+def test_conditioning_is_required_and_used() -> None:
+    model = tiny_usm(num_classes=4)
+    randomise_zero_init(model)
+    x, t = torch.randn(2, 2, 16, 16), torch.rand(2)
+    with pytest.raises(ValueError, match="pass y"):
+        model(x, t)
+    assert not torch.allclose(model(x, t, torch.tensor([0, 1])), model(x, t, torch.tensor([2, 3])))
+    assert not torch.allclose(model(x, t, torch.tensor([0, 1])), model(x, t.flip(0), torch.tensor([0, 1])))
+
+
+def test_gradient_checkpointing_matches_plain_forward() -> None:
+    model = tiny_usm(num_classes=2)
+    randomise_zero_init(model)
+    x, t, y = torch.randn(2, 2, 16, 16), torch.rand(2), torch.tensor([0, 1])
+    grads = []
+    for flag in (False, True):
+        model.use_checkpoint = flag
+        model.zero_grad()
+        model(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_with_cfg() -> None:
+    model = tiny_usm(num_classes=3, learn_sigma=True)
+    randomise_zero_init(model)
+    x, t, y = torch.randn(2, 2, 16, 16), torch.rand(2), torch.tensor([0, 1])
+    cond, uncond = model(x, t, y), model(x, t, torch.tensor([3, 3]))
+    guided = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
+    torch.testing.assert_close(guided[:, :2], uncond[:, :2] + 3.0 * (cond[:, :2] - uncond[:, :2]))
+    torch.testing.assert_close(guided[:, 2:], cond[:, 2:])  # learned sigma is not guided
+
+
+def test_text_cross_attention_uses_the_context() -> None:
+    model = tiny_usm(context_dim=6)
+    randomise_zero_init(model)
+    x, t, ctx = torch.randn(2, 2, 16, 16), torch.rand(2), torch.randn(2, 7, 6)
+    out = model(x, t, context=ctx)
+    assert not torch.allclose(out, model(x, t, context=torch.randn_like(ctx)))
+    null = torch.zeros(1, 7, 6)
+    guided = model.forward_with_cfg(x, t, context=ctx, cfg_scale=1.0, null_context=null)
+    torch.testing.assert_close(guided, out)
