@@ -134,11 +134,13 @@ class SelectiveSSM(nn.Module):
 class SS2D(nn.Module):
     """USM's 2-D selective scan with one zigzag direction (SPEC "SS2D").
 
-    in_proj -> (x, z); depthwise 3x3 conv + SiLU on x in the 2-D layout; tokens gathered into the
-    block's zigzag order; selective scan; back to raster order; LayerNorm; gate by SiLU(z); out_proj.
+    in_proj -> (x, z); depthwise 3x3 conv + SiLU on x in the 2-D layout; tokens gathered into
+    the block's zigzag order; selective scan; back to raster order; LayerNorm; gate by SiLU(z);
+    out_proj.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int], path: int, d_state: int = 16, expand: int = 2):
+    def __init__(self, dim: int, grid: tuple[int, int], path: int, d_state: int = 16,
+                 expand: int = 2):
         super().__init__()
         d_inner = expand * dim
         self.grid = grid
@@ -259,7 +261,7 @@ class FinalLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    """Patchify, positional embedding, conditioning, final layer and guidance shared by both models."""
+    """Patchify, positional embedding, conditioning, final layer and guidance of both models."""
 
     def __init__(self, input_size: int | Sequence[int], patch_size: int, in_channels: int,
                  hidden_size: int, num_classes: int, context_dim: int | None, learn_sigma: bool,
@@ -399,7 +401,8 @@ class Zigma(_Backbone):
                  num_classes: int = 0, context_dim: int | None = None, learn_sigma: bool = False,
                  learn_pos_emb: bool = True, use_checkpoint: bool = False, d_state: int = 16):
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_classes,
-                         context_dim, learn_sigma, learn_pos_emb, use_checkpoint, divisor=patch_size)
+                         context_dim, learn_sigma, learn_pos_emb, use_checkpoint,
+                         divisor=patch_size)
         self.blocks = nn.ModuleList(
             MambaBlock(hidden_size, ZigmaMixer(hidden_size, i % NUM_PATHS, self.grid, d_state),
                        nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False),

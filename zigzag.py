@@ -10,7 +10,7 @@ A path is a permutation `perm` of the h*w raster indices: `seq = tokens[:, perm]
 raster-ordered tokens into scan order and `tokens = seq[:, inverse]` scatters them back.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -23,7 +23,7 @@ def _snake(grid: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
-@lru_cache(maxsize=None)
+@cache
 def zigzag_path(h: int, w: int, k: int) -> torch.Tensor:
     """Path k (0..7) over an h x w grid as a permutation of the raster indices.
 
@@ -42,7 +42,7 @@ def zigzag_path(h: int, w: int, k: int) -> torch.Tensor:
     return _snake(grid.T if column_wise else grid)
 
 
-@lru_cache(maxsize=None)
+@cache
 def zigzag_inverse(h: int, w: int, k: int) -> torch.Tensor:
     """Inverse permutation of `zigzag_path(h, w, k)`: scan order back to raster order."""
     return torch.argsort(zigzag_path(h, w, k))

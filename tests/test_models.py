@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import USM, All_models, USM_models, Zigma, Zigma_models
+from models import USM, All_models, USM_models, Zigma
 from zigzag import zigzag_path
 
 
@@ -120,7 +120,8 @@ def test_conditioning_is_required_and_used() -> None:
     with pytest.raises(ValueError, match="pass y"):
         model(x, t)
     assert not torch.allclose(model(x, t, torch.tensor([0, 1])), model(x, t, torch.tensor([2, 3])))
-    assert not torch.allclose(model(x, t, torch.tensor([0, 1])), model(x, t.flip(0), torch.tensor([0, 1])))
+    y = torch.tensor([0, 1])
+    assert not torch.allclose(model(x, t, y), model(x, t.flip(0), y))
 
 
 def test_gradient_checkpointing_matches_plain_forward() -> None:
@@ -133,7 +134,7 @@ def test_gradient_checkpointing_matches_plain_forward() -> None:
         model.zero_grad()
         model(x, t, y).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

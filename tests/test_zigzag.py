@@ -16,7 +16,7 @@ def test_path_is_a_permutation_of_4_neighbour_steps(h: int, w: int, k: int) -> N
     path = zigzag_path(h, w, k)
     assert sorted(path.tolist()) == list(range(h * w))
     cells = coords(path, w)
-    for (r0, c0), (r1, c1) in zip(cells, cells[1:]):
+    for (r0, c0), (r1, c1) in zip(cells, cells[1:], strict=False):
         assert abs(r0 - r1) + abs(c0 - c1) == 1, f"jump between {(r0, c0)} and {(r1, c1)}"
 
 
