@@ -256,10 +256,9 @@ def export_fashion_mnist(
     return out
 
 
-# Pretrained networks that come from the Hugging Face Hub: fetched through the libraries' own
-# from_pretrained, so the files land in the cache that encoders.py later reads offline.
-VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-CLIP_REPO = "openai/clip-vit-large-patch14"
+# Pretrained networks from the Hugging Face Hub: loaded once through encoders.py (diffusers' and
+# transformers' from_pretrained), which leaves them in the cache that training later reads.
+CLIP_REPO = "openai/clip-vit-large-patch14"  # SPEC.md: CLIP ViT-L/14 text encoder for COCO
 
 
 def _hub_error(repo: str, err: Exception) -> ConnectionError:
@@ -272,21 +271,20 @@ def _hub_error(repo: str, err: Exception) -> ConnectionError:
 
 def get_vae(kind: str = "ema") -> None:
     """Cache the Stable Diffusion VAE fine-tuned with EMA or MSE weights ("ema" | "mse")."""
-    from diffusers import AutoencoderKL
+    from encoders import VAE_REPOS, load_vae  # imported here: diffusers takes seconds to import
 
     try:
-        AutoencoderKL.from_pretrained(VAE_REPOS[kind])
+        load_vae(kind, "cpu")
     except OSError as err:
         raise _hub_error(VAE_REPOS[kind], err) from err
 
 
 def get_clip() -> None:
-    """Cache CLIP ViT-L/14's tokenizer and text encoder (the COCO text conditioning)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Cache CLIP ViT-L/14's tokenizer and text encoder."""
+    from encoders import load_text_encoder
 
     try:
-        CLIPTokenizer.from_pretrained(CLIP_REPO)
-        CLIPTextModel.from_pretrained(CLIP_REPO)
+        load_text_encoder(CLIP_REPO, "cpu")
     except OSError as err:
         raise _hub_error(CLIP_REPO, err) from err
 
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download the assets USM needs.")
     sub = parser.add_subparsers(dest="what", required=True)
     vae = sub.add_parser("vae", help="Stable Diffusion VAE (Hugging Face cache)")
-    vae.add_argument("--kind", choices=sorted(VAE_REPOS), default="ema")
+    vae.add_argument("--kind", choices=("ema", "mse"), default="ema")
     sub.add_parser("clip", help="CLIP ViT-L/14 text encoder (Hugging Face cache)")
     inception = sub.add_parser("inception", help="FID Inception TorchScript file")
     inception.add_argument("--out", type=Path, default=INCEPTION_PATH)
