@@ -1,0 +1,221 @@
+"""train.py end to end on tiny generated data with tiny models (pixel space: 8x8 images, USM-T with
+one stage, so a step takes a fraction of a second on a CPU)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from models import All_models
+from tests.fixtures import make_coco_folder, make_image_folder, save_tiny_clip, save_tiny_vae
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "USM-T/1", "--image-size", "8", "--stages", "1", "--vae", "none",
+        "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--max-steps", "2"]
+
+
+def run(data: Path, results: Path, *extra: str) -> Path:
+    """train.main in this process; later options override the tiny defaults."""
+    argv = [*TINY, "--data-path", str(data), "--results-dir", str(results), *extra]
+    return train.main(train.parse_args(argv))
+
+
+def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Model, EMA and optimizer tensors of a checkpoint, flattened to one dict."""
+    state = {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
+    state.update({f"ema.{k}": v for k, v in ema.items()})
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)["state"]
+    for index, tensors in optimizer.items():
+        state.update({f"opt.{index}.{k}": v for k, v in tensors.items()})
+    return state
+
+
+def logged_losses(exp_dir: Path) -> list[float]:
+    lines = (exp_dir / "log.txt").read_text().splitlines()
+    return [float(line.split("loss=")[1].split()[0]) for line in lines if "loss=" in line]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), per_class=5, size=8)
+
+
+def test_both_spellings_and_paper_defaults():
+    authors = ("--model USM-B/1 --data-path d --batch_size 8 --num-classes 0 --results_dir r "
+               "--learn_pos_emb --sample-every 20000 --ckpt-every 10000 --use_ckpt --sampling log "
+               "--use_convtranspose --skip_conn").split()
+    args = train.parse_args(authors)
+    assert (args.batch_size, args.results_dir, args.sample_every, args.ckpt_every) == (
+        8, "r", 20000, 10000)
+    assert args.learn_pos_emb and args.use_ckpt and args.skip_conn and args.use_convtranspose
+    assert (args.lr, args.weight_decay, args.ema_decay, args.objective) == (1e-4, 0, 0.9999, "rf")
+    dashed = train.parse_args("--data-path d --batch-size 3 --learn-pos-emb --use-ckpt".split())
+    assert dashed.batch_size == 3 and dashed.learn_pos_emb and dashed.use_ckpt
+    default = train.parse_args(["--data_path", "d", "--stages", "2,3"])
+    assert default.skip_conn and default.use_convtranspose and default.stages == (2, 3)
+    off = train.parse_args("--data-path d --no-skip-conn --no_convtranspose".split())
+    assert not off.skip_conn and not off.use_convtranspose
+
+
+def test_pixel_space_run_writes_checkpoints_samples_and_logs(images, tmp_path):
+    exp = run(images, tmp_path, "--ckpt-every", "1", "--max-steps", "3", "--keep-last", "2",
+              "--report-to", "tensorboard", "--log-every", "1")
+    assert exp == tmp_path / "000-USM-T-1"
+    checkpoints = sorted(p.name for p in (exp / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000002", "step-0000003"]  # keep-last 2, no leftovers
+    folder = exp / "checkpoints" / "step-0000003"
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                 "custom_checkpoint_0.pkl", "meta.json"):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["model"] == "USM-T/1" and meta["step"] == 3 and meta["args"]["image_size"] == 8
+    # meta.json alone rebuilds the model, and both weight sets load into it strictly
+    model = All_models[meta["model"]](**meta["model_kwargs"])
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.load_state_dict(torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True))
+    grid = Image.open(exp / "samples" / "step-0000003.png")
+    assert grid.size == (8 * 8 + 9 * 2, 2 * 8 + 3 * 2)  # 8 x 2 samples, save_image's 2px padding
+    assert len(logged_losses(exp)) == 3
+    assert list((exp / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, tmp_path):
+    # sampling at step 3 must not shift the random stream either
+    common = ["--num-classes", "2", "--ema-decay", "0.5", "--ckpt-every", "3",
+              "--sample-every", "3"]
+    straight = run(images, tmp_path / "a", *common, "--max-steps", "5")
+    first = run(images, tmp_path / "b", *common, "--max-steps", "3")  # stops mid-epoch 1
+    (first / "checkpoints" / ".tmp-step-0000004").mkdir()  # a save that crashed half-way
+    resumed = run(images, tmp_path / "b", *common, "--max-steps", "5")
+    assert resumed == first
+    expected = checkpoint_state(straight / "checkpoints" / "step-0000005")
+    got = checkpoint_state(resumed / "checkpoints" / "step-0000005")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert "Resumed from" in (resumed / "log.txt").read_text()
+    grid = Image.open(resumed / "samples" / "step-0000005.png")
+    assert grid.size[1] == 2 * 8 + 3 * 2  # one row per class
+
+
+def test_loss_falls_on_a_learnable_data_set(tmp_path):
+    # Every image the same: the velocity target x - noise is then predictable from z_t and t.
+    make_image_folder(tmp_path / "flat", classes=("a",), per_class=8, size=8)
+    for path in (tmp_path / "flat" / "train" / "a").iterdir():
+        Image.new("RGB", (8, 8), (230, 40, 90)).save(path)
+    exp = run(tmp_path / "flat", tmp_path / "r", "--max-steps", "30", "--log-every", "10",
+              "--lr", "3e-3")
+    losses = logged_losses(exp)
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_latent_space_from_a_latent_cache(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2, size=64)
+    vae = save_tiny_vae(tmp_path / "vae")
+    exp = run(data, tmp_path / "r", "--vae", str(vae), "--image-size", "64", "--cache-latents",
+              "--objective", "gaussian")
+    assert len(list((tmp_path / "r" / "latent-cache").glob("latents-*.npy"))) == 1
+    meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
+    kwargs = meta["model_kwargs"]
+    assert (kwargs["in_channels"], kwargs["input_size"], kwargs["learn_sigma"]) == (4, 8, True)
+    assert Image.open(exp / "samples" / "step-0000002.png").size == (8 * 64 + 18, 2 * 64 + 6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_text_conditional_with_guided_grid_and_fid(tmp_path):
+    data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=3, size=8)
+    clip = save_tiny_clip(tmp_path / "clip", hidden_size=16)
+    # A tiny TorchScript feature network in place of Inception keeps FID cheap.
+    features = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
+                                                    torch.nn.Flatten()))
+    features.save(str(tmp_path / "features.pt"))
+    exp = run(data, tmp_path / "r", "--text-encoder", str(clip), "--cfg-scale", "3",
+              "--fid-every", "1", "--fid-images", "3", "--inception", str(tmp_path / "features.pt"))
+    meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
+    assert meta["model_kwargs"]["context_dim"] == 16
+    captions = (exp / "samples" / "step-0000002.txt").read_text().splitlines()
+    assert captions == [f"image {i} of val, caption number 0" for i in range(3)]
+    best = json.loads((exp / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["fid"] >= 0 and "FID=" in (exp / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-path", "/nonexistent"], "does not exist"),
+    (["--num-classes", "3"], "--num-classes 3 but .* has 2 class folders"),
+    (["--image-size", "9"], "--image-size 9 .* must be divisible by 2"),
+    (["--vae", "ema", "--channels", "1"], "use --vae none"),
+])
+def test_bad_input_is_refused_before_training(images, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run(images, tmp_path, *extra)
+    assert not list(tmp_path.rglob("step-*"))
+
+
+def test_unknown_model_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "d", "--model", "USM-Q/1"])
+    assert "USM-B/1" in capsys.readouterr().err
+
+
+def test_corrupt_images_fail_by_name_or_are_skipped(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("a",), per_class=5, size=8)
+    (data / "train" / "a" / "002.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(SystemExit, match="002.png"):
+        run(data, tmp_path / "r1", "--batch-size", "5")  # every batch holds the bad file
+    exp = run(data, tmp_path / "r2", "--on-corrupt", "skip", "--epochs", "1", "--max-steps", "9")
+    log = (exp / "log.txt").read_text()
+    assert "Skipping corrupt image" in log and "Skipped 1 corrupt image" in log
+    assert [p.name for p in (exp / "checkpoints").iterdir()] == ["step-0000001"]  # 4 images left
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(images, tmp_path):
+    # A huge learning rate blows the weights up after the first step.
+    with pytest.raises(SystemExit, match="loss is (nan|inf) at step 2"):
+        run(images, tmp_path, "--lr", "1e30", "--ckpt-every", "1", "--max-steps", "5")
+    checkpoints = list((tmp_path / "000-USM-T-1" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-0000001"]
+    assert (checkpoints[0] / "meta.json").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_with_the_authors_command_line(images, tmp_path):
+    # accelerate 1.15 starts several CPU processes only through its multi-process (torchrun)
+    # launcher; ACCELERATE_USE_CPU makes them use CPU + gloo.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    authors = ["--model", "USM-T/1", "--data-path", str(images), "--batch_size", "2",
+               "--num-classes", "2", "--results_dir", str(tmp_path), "--learn_pos_emb",
+               "--sample-every", "20000", "--ckpt-every", "2", "--use_ckpt", "--sampling", "log",
+               "--use_convtranspose", "--skip_conn"]
+    tiny = ["--vae", "none", "--image-size", "8", "--stages", "1", "--max-steps", "4",
+            "--num-workers", "0", "--report-to", "none"]
+    result = subprocess.run([*launch, "train.py", *authors, *tiny], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = tmp_path / "000-USM-T-1"
+    folder = exp / "checkpoints" / "step-0000004"
+    assert (folder / "random_states_0.pkl").is_file() and (folder / "random_states_1.pkl").is_file()
+    assert "global batch 4" in (exp / "log.txt").read_text()  # 2 processes x 2
+    model = load_file(folder / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.values())
+    assert (exp / "samples" / "step-0000004.png").is_file()
+    assert np.isfinite(logged_losses(exp)).all()

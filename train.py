@@ -1,0 +1,611 @@
+"""Train USM (or the Zigma baseline) with accelerate, on class-labelled image folders, unlabelled
+image folders or COCO captions, in the VAE's latent space or in pixel space.
+
+    accelerate launch train.py --model USM-B/1 --data-path data/afhq --batch_size 8 \\
+      --num-classes 0 --results_dir results --learn_pos_emb --sample-every 20000 \\
+      --ckpt-every 10000 --use_ckpt --sampling log --use_convtranspose --skip_conn
+
+Every option is accepted with dashes and with underscores (--batch-size / --batch_size). Each run
+writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tensorboard/ and
+checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; see TEAM.md "Checkpoints"). A run
+started again with the same --results-dir and --model resumes the newest experiment from its latest
+complete checkpoint, exactly where it stopped (same data order and random draws).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    broadcast_object_list,
+    gather_object,
+    is_tensorboard_available,
+    set_seed,
+)
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from data import (
+    CorruptImageError,
+    DataError,
+    build_dataset,
+    cache_latents,
+    collate,
+    drop_labels,
+    is_coco,
+    latent_cache_path,
+    pick_captions,
+    random_flip,
+    random_view,
+)
+from diffusion import RectifiedFlow, create_diffusion
+from encoders import (
+    decode_latents,
+    encode_images,
+    load_text_encoder,
+    load_vae,
+    vae_downsample_factor,
+)
+from evaluate_fid import compute_statistics, frechet_distance, load_inception
+from models import All_models, USM_models
+
+SAMPLE_STEPS = 25  # the paper samples with 25 Euler steps; Gaussian grids use DDIM with as many
+GRID_COLUMNS = 8
+GRID_ROWS = 2  # unconditional and text grids; class-conditional grids have one row per class
+MAX_GRID_CLASSES = 16
+CHECKPOINT_RE = re.compile(r"step-(\d+)")
+
+logger = logging.getLogger("train")
+
+
+#################################################################################
+#                                Command line                                    #
+#################################################################################
+
+
+def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Register --name with dashes and with underscores: the authors' README mixes both."""
+    dashed, underscored = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
+    flags = [dashed] if dashed == underscored else [dashed, underscored]
+    kwargs.setdefault("dest", name.replace("-", "_"))
+    parser.add_argument(*flags, **kwargs)
+
+
+def add_switch(parser: argparse.ArgumentParser, on: str, off: str, help: str) -> None:
+    """An option that is on by default: --<on> is accepted (the authors' command line passes it),
+    --<off> turns it off."""
+    dest = on.replace("-", "_")
+    add_option(parser, on, action="store_true", default=True, help=help)
+    add_option(parser, off, action="store_false", dest=dest, help=f"turn off --{on}")
+
+
+def stage_list(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        stages = ()
+    if not stages or min(stages) < 1:
+        raise argparse.ArgumentTypeError(f"expected block counts such as 4,4,4, got {text!r}")
+    return stages
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    # Data
+    add_option(p, "data-path", required=True,
+               help="folder with train/ and val/ (ImageFolder), or COCO captions with annotations/")
+    add_option(p, "image-size", type=int, default=256)
+    add_option(p, "num-classes", type=int, default=0,
+               help="class-conditional when > 0 (must match the class folders); 0 = unconditional")
+    add_option(p, "channels", type=int, choices=[1, 3],
+               help="pixel space only: 1 = grayscale, 3 = RGB (default: as the data)")
+    add_option(p, "vae", default="ema",
+               help="ema | mse (Stable Diffusion VAEs) | an AutoencoderKL folder | none (pixels)")
+    add_option(p, "text-encoder", default="openai/clip-vit-large-patch14",
+               help="CLIP text model (hub id or folder) for COCO captions")
+    add_option(p, "cache-latents", action="store_true",
+               help="encode the train set (and its mirror images) once and train from the cache")
+    add_option(p, "on-corrupt", choices=["fail", "skip"], default="fail",
+               help="fail: stop at the first unreadable image, naming it; skip: decode every file "
+                    "before training and leave out the unreadable ones (listed in log.txt)")
+    add_option(p, "num-workers", type=int, default=4)
+    # Model
+    add_option(p, "model", choices=list(All_models), default="USM-B/1", metavar="MODEL",
+               help=f"one of: {', '.join(All_models)}")
+    add_option(p, "learn-pos-emb", action="store_true", help="learnable positional embedding")
+    add_option(p, "use-ckpt", action="store_true", help="gradient checkpointing (saves memory)")
+    add_switch(p, "skip-conn", "no-skip-conn", "USM skip connections (default on)")
+    add_switch(p, "use-convtranspose", "no-convtranspose",
+               "USM up-sampling by ConvTranspose2d (default on; off: nearest + 3x3 conv)")
+    add_option(p, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
+    # Objective
+    add_option(p, "objective", choices=["rf", "gaussian"], default="rf",
+               help="rf: rectified flow (the paper's); gaussian: DiT's diffusion, learned sigma")
+    add_option(p, "sampling", choices=["log", "uniform"], default="log",
+               help="rectified-flow training times: logit-normal or uniform in [0, 1]")
+    add_option(p, "cond-drop-prob", type=float, default=0.1,
+               help="probability of the null class / empty caption (for guidance)")
+    # Optimisation
+    add_option(p, "batch-size", type=int, default=8, help="per process")
+    add_option(p, "lr", type=float, default=1e-4)
+    add_option(p, "weight-decay", type=float, default=0.0)
+    add_option(p, "ema-decay", type=float, default=0.9999)
+    add_option(p, "grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    add_option(p, "mixed-precision", choices=["no", "fp16", "bf16"],
+               help="default: accelerate's config / launch flag")
+    add_option(p, "max-steps", type=int, default=400_000)
+    add_option(p, "epochs", type=int, help="stop after this many epochs (or --max-steps)")
+    add_option(p, "global-seed", type=int, default=0)
+    # Output
+    add_option(p, "results-dir", default="results")
+    add_option(p, "resume", default="auto",
+               help="auto: the newest experiment of this model in --results-dir, if it has a "
+                    "checkpoint; none: a new experiment; or an experiment / checkpoint folder")
+    add_option(p, "ckpt-every", type=int, default=10_000)
+    add_option(p, "keep-last", type=int, default=3, help="step checkpoints kept (best/ apart)")
+    add_option(p, "sample-every", type=int, default=20_000)
+    add_option(p, "cfg-scale", type=float, default=1.0,
+               help="guidance for sample grids and FID (1 = none)")
+    add_option(p, "fid-every", type=int, default=0, help="0 disables FID during training")
+    add_option(p, "fid-images", type=int, default=1000, help="val images (and samples) for FID")
+    add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
+    add_option(p, "log-every", type=int, default=100)
+    add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
+    return p.parse_args(argv)
+
+
+#################################################################################
+#                           Experiment folders, checkpoints                      #
+#################################################################################
+
+
+def step_checkpoints(exp_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first. Renaming .tmp-* into place is the last thing a save
+    does, so a half-written checkpoint never matches."""
+    steps = {}
+    for folder in (exp_dir / "checkpoints").glob("step-*"):
+        if match := CHECKPOINT_RE.fullmatch(folder.name):
+            steps[int(match[1])] = folder
+    return [steps[step] for step in sorted(steps)]
+
+
+def resolve_experiment(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(experiment folder, checkpoint to resume or None), creating a new folder when needed."""
+    results, name = Path(args.results_dir), args.model.replace("/", "-")
+    if args.resume not in ("auto", "none"):
+        path = Path(args.resume)
+        if CHECKPOINT_RE.fullmatch(path.name) and (path / "meta.json").is_file():
+            return path.parent.parent, path
+        if not step_checkpoints(path):
+            raise SystemExit(f"train.py: error: --resume {path}: no complete checkpoint there")
+        return path, step_checkpoints(path)[-1]
+    pattern = re.compile(rf"(\d+)-{re.escape(name)}")
+    experiments = sorted(
+        (int(m[1]), p) for p in results.glob("*") if (m := pattern.fullmatch(p.name))
+    )
+    if args.resume == "auto":
+        for _, exp_dir in reversed(experiments):
+            if step_checkpoints(exp_dir):
+                return exp_dir, step_checkpoints(exp_dir)[-1]
+    taken = [int(m[1]) for p in results.glob("*") if (m := re.match(r"(\d+)-", p.name))]
+    index = max(taken, default=-1) + 1
+    exp_dir = results / f"{index:03d}-{name}"
+    exp_dir.mkdir(parents=True)
+    return exp_dir, None
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, meta: dict) -> None:
+    """accelerate's save_state into a hidden sibling, then a rename: a crash mid-write leaves a
+    .tmp-* folder that resuming ignores, never a broken checkpoint under the real name."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():  # best/ is replaced in place
+            old = folder.with_name(f".old-{folder.name}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(exp_dir: Path, keep: int) -> None:
+    for folder in step_checkpoints(exp_dir)[:-keep]:
+        shutil.rmtree(folder)
+
+
+def setup_logging(exp_dir: Path, is_main: bool) -> None:
+    """Main process: console and <exp>/log.txt. Other processes: errors only."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
+    if is_main:
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(), logging.FileHandler(exp_dir / "log.txt")):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+
+
+#################################################################################
+#                                   Helpers                                      #
+#################################################################################
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"train.py: error: {message}")
+
+
+def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
+    """Inputs that would only fail later (or silently train the wrong thing) are refused now."""
+    if is_coco(args.data_path) and args.num_classes:
+        raise fail("COCO captions are text-conditional: use --num-classes 0")
+    if args.num_classes and args.num_classes != len(classes):
+        found = f"{len(classes)} class folders ({', '.join(classes[:10])})" if classes else (
+            "no class folders")
+        raise fail(f"--num-classes {args.num_classes} but {args.data_path}/train has {found}")
+    if args.vae != "none" and args.channels == 1:
+        raise fail("the VAE encodes RGB images: use --vae none for grayscale pixel-space training")
+
+
+def build_model(args: argparse.Namespace, in_channels: int, input_size: int,
+                context_dim: int | None) -> tuple[nn.Module, dict]:
+    """The model and its exact constructor kwargs (meta.json stores them to rebuild it)."""
+    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=args.num_classes,
+                  context_dim=context_dim, learn_sigma=args.objective == "gaussian",
+                  learn_pos_emb=args.learn_pos_emb, use_checkpoint=args.use_ckpt)
+    if args.model in USM_models:  # Zigma's constructors do not take the U-shape options
+        kwargs.update(skip_conn=args.skip_conn, use_convtranspose=args.use_convtranspose)
+        if args.stages:
+            kwargs["stages"] = args.stages
+    try:
+        return All_models[args.model](**kwargs), kwargs
+    except ValueError as err:
+        space = "pixel space" if args.vae == "none" else f"latents of the {args.vae} VAE"
+        raise fail(f"--image-size {args.image_size} gives a {input_size}x{input_size} input "
+                   f"({space}) that {args.model} cannot take: {err}") from err
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageSampler:
+    """Turns noise into images with the EMA model: guidance, sampler, VAE decoding. Fixed noise
+    (its own seed, the training RNG untouched) so grids from different steps are comparable and
+    sampling never shifts the random stream that exact resuming relies on."""
+
+    def __init__(self, args, ema, vae, text_encoder, in_channels: int, input_size: int):
+        self.args, self.ema, self.vae, self.text_encoder = args, ema, vae, text_encoder
+        self.shape = (in_channels, input_size, input_size)
+        self.sampler = (RectifiedFlow(SAMPLE_STEPS, args.sampling) if args.objective == "rf"
+                        else create_diffusion(f"ddim{SAMPLE_STEPS}"))
+        self.null_context = text_encoder([""]) if text_encoder else None
+
+    @torch.no_grad()
+    def __call__(self, conditions, seed: int) -> torch.Tensor:
+        """conditions: a LongTensor of labels, a list of captions, or a count (unconditional)."""
+        n = conditions if isinstance(conditions, int) else len(conditions)
+        device = next(self.ema.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            z = torch.randn(n, *self.shape, device=device)
+            kwargs = {}
+            if isinstance(conditions, torch.Tensor):
+                kwargs["y"] = conditions.to(device)
+            elif isinstance(conditions, list):
+                kwargs["context"] = self.text_encoder(conditions)
+            model_fn = self.ema
+            if kwargs and self.args.cfg_scale != 1:
+                model_fn = self.ema.forward_with_cfg
+                kwargs.update(cfg_scale=self.args.cfg_scale, null_context=self.null_context)
+            x = self.sampler.sample(model_fn, z, model_kwargs=kwargs)
+        return decode_latents(self.vae, x) if self.vae else x.clamp(-1, 1)
+
+
+def grid_conditions(args, captioned_set):
+    """What the sample grids show: one row per class (up to 16), the first captions of a data set,
+    or unconditional samples."""
+    if args.num_classes:
+        rows = min(args.num_classes, MAX_GRID_CLASSES)
+        return torch.arange(rows).repeat_interleave(GRID_COLUMNS)
+    if is_coco(args.data_path):
+        n = min(GRID_COLUMNS * GRID_ROWS, len(captioned_set))
+        return [captioned_set.samples[i][1][0] for i in range(n)]
+    return GRID_COLUMNS * GRID_ROWS
+
+
+def save_grid(generate: ImageSampler, conditions, path: Path, seed: int) -> None:
+    save_image(generate(conditions, seed), path, nrow=GRID_COLUMNS, normalize=True,
+               value_range=(-1, 1))
+    if isinstance(conditions, list):  # captions of a text grid, in grid order
+        path.with_suffix(".txt").write_text("\n".join(conditions) + "\n")
+
+
+@torch.no_grad()
+def compute_fid(accelerator, generate: ImageSampler, val_set, args, inception,
+                reference: tuple | None) -> tuple[float, tuple]:
+    """FID of --fid-images generated images against as many val images (counted in images). The
+    samples use the val images' own labels / first captions, so both sets have the same mix of
+    conditions; each process handles a shard, features are gathered. Returns (fid, reference
+    statistics), the latter computed on the first call only."""
+    n = min(args.fid_images, len(val_set))
+    shard = Subset(val_set, range(accelerator.process_index, n, accelerator.num_processes))
+    loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
+    real, fake = [], []
+    for i, (images, conditions) in enumerate(loader):
+        if reference is None:
+            real.append(inception(to_uint8(images.to(accelerator.device))).cpu())
+        if isinstance(conditions, list):
+            conditions = [captions[0] for captions in conditions]
+        elif not args.num_classes:
+            conditions = len(images)
+        seed = args.global_seed + 1 + accelerator.process_index + accelerator.num_processes * i
+        fake.append(inception(to_uint8(generate(conditions, seed))).cpu())
+
+    def statistics(features: list[torch.Tensor]) -> tuple:
+        # gather_object joins the processes' lists of feature batches (shards may be uneven)
+        return compute_statistics(torch.cat(gather_object(features)), nn.Identity())
+
+    if reference is None:
+        reference = statistics(real)
+    return frechet_distance(*statistics(fake), *reference), reference
+
+
+#################################################################################
+#                                  Training                                      #
+#################################################################################
+
+
+def model_inputs(x, cond, args, vae, text_encoder, cached: bool) -> tuple[torch.Tensor, dict]:
+    """A batch as the objective sees it, with this step's random flips and condition dropout."""
+    with torch.no_grad():
+        if cached:  # latent pairs (image, mirror image)
+            x = random_view(x)
+        else:
+            x = random_flip(x)
+            x = encode_images(vae, x) if vae is not None else x
+        kwargs = {}
+        if args.num_classes:
+            kwargs["y"] = drop_labels(cond, args.num_classes, args.cond_drop_prob)
+        if text_encoder is not None:
+            kwargs["context"] = text_encoder(pick_captions(cond, args.cond_drop_prob))
+    return x, kwargs
+
+
+def batches_from(loader, accelerator: Accelerator, step: int) -> Iterator:
+    """Endless batches, starting where an uninterrupted run is after `step` steps: the epoch's
+    shuffle is seeded by the epoch number, and the batches already seen in it are skipped (as
+    indices, no image is read)."""
+    epoch, skip = divmod(step, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def check_resumable(resume_from: Path, model_kwargs: dict) -> None:
+    """The checkpoint must hold the model this command builds (gradient checkpointing aside)."""
+    meta = json.loads((resume_from / "meta.json").read_text())
+    saved = {k: v for k, v in meta["model_kwargs"].items() if k != "use_checkpoint"}
+    wanted = {k: v for k, v in json.loads(json.dumps(model_kwargs)).items()
+              if k != "use_checkpoint"}
+    if saved != wanted:
+        raise fail(f"{resume_from} holds a model built with {saved}, this command builds "
+                   f"{wanted}; pass --resume none to start a new experiment")
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train as configured; returns the experiment folder."""
+    # Refuse bad input before anything is loaded or written.
+    try:
+        train_set, classes = build_dataset(args.data_path, "train", args.image_size, args.channels)
+    except DataError as err:
+        raise fail(str(err)) from err
+    check_data(args, train_set, classes)
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        raise fail("--report-to tensorboard needs the tensorboard package (or --report-to none)")
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        project_dir=args.results_dir,
+        # The sampler reshuffles from global_seed + epoch, the same on every process, so the data
+        # order is a function of the step alone: what exact resuming needs.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=args.global_seed),
+    )
+    device = accelerator.device
+    exp_dir, resume_from = resolve_experiment(args) if accelerator.is_main_process else (None, None)
+    exp_dir, resume_from = broadcast_object_list([exp_dir, resume_from])
+    ckpt_dir, samples_dir = exp_dir / "checkpoints", exp_dir / "samples"
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(exist_ok=True)
+        samples_dir.mkdir(exist_ok=True)
+    setup_logging(exp_dir, accelerator.is_main_process)
+    logger.info(f"Experiment folder {exp_dir}")
+
+    # Frozen encoders.
+    vae = load_vae(args.vae, device)
+    factor = vae_downsample_factor(vae)
+    if args.image_size % factor:
+        raise fail(f"--image-size {args.image_size} must be a multiple of {factor} (the VAE's "
+                   "down-sampling factor)")
+    text_encoder = load_text_encoder(args.text_encoder, device) if is_coco(args.data_path) else None
+    in_channels = vae.config.latent_channels if vae is not None else len(train_set.mode)
+    input_size = args.image_size // factor
+
+    # Model and EMA start identical on every process (same seed); the training draws are then
+    # seeded per process so that each process adds its own noise.
+    set_seed(args.global_seed)
+    context_dim = text_encoder.hidden_size if text_encoder is not None else None
+    model, model_kwargs = build_model(args, in_channels, input_size, context_dim)
+    ema = deepcopy(model).to(device).requires_grad_(False).eval()
+    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
+    set_seed(args.global_seed, device_specific=True)
+
+    # Data.
+    skipped = train_set.remove_corrupt() if args.on_corrupt == "skip" else []
+    for path in skipped:
+        logger.warning(f"Skipping corrupt image {path}")
+    dataset = train_set
+    try:
+        if args.cache_latents and vae is not None:
+            cache = latent_cache_path(Path(args.results_dir) / "latent-cache", train_set, args.vae)
+            logger.info(f"Latent cache {cache}")
+            dataset = cache_latents(train_set, vae, cache, args.batch_size, args.num_workers,
+                                    args.global_seed)
+    except CorruptImageError as err:
+        raise fail(f"{err}\nRemove the file, or pass --on-corrupt skip") from err
+    if len(dataset) < args.batch_size * accelerator.num_processes:
+        raise fail(f"{len(dataset)} training images, fewer than one batch per process "
+                   f"({args.batch_size} x {accelerator.num_processes})")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers, collate_fn=collate,
+                        pin_memory=torch.cuda.is_available(),
+                        # The loader's own generator: starting an epoch must not draw from the
+                        # training RNG, or a resumed run would add different noise.
+                        generator=torch.Generator().manual_seed(args.global_seed))
+    logger.info(f"Data: {len(dataset):,} images in {args.data_path} ({len(classes)} class "
+                f"folders); global batch {args.batch_size * accelerator.num_processes}")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(ema)  # saved as custom_checkpoint_0.pkl
+    objective = (RectifiedFlow(SAMPLE_STEPS, args.sampling) if args.objective == "rf"
+                 else create_diffusion(""))
+
+    train_steps, best_fid = 0, math.inf
+    if resume_from is not None:
+        check_resumable(resume_from, model_kwargs)
+        accelerator.load_state(str(resume_from))
+        train_steps = json.loads((resume_from / "meta.json").read_text())["step"]
+        if (ckpt_dir / "best" / "meta.json").is_file():
+            best_fid = json.loads((ckpt_dir / "best" / "meta.json").read_text())["fid"]
+        logger.info(f"Resumed from {resume_from} at step {train_steps} "
+                    "(--resume none starts a new experiment instead)")
+
+    # Sample grids and FID.
+    val_set = None
+    try:
+        val_set, _ = build_dataset(args.data_path, "val", args.image_size, len(train_set.mode))
+    except DataError as err:
+        if args.fid_every:
+            raise fail(f"{err} (FID is measured on val images)") from err
+    generate = ImageSampler(args, ema, vae, text_encoder, in_channels, input_size)
+    conditions = grid_conditions(args, val_set if val_set is not None else train_set)
+    inception = load_inception(args.inception, device) if args.fid_every else None
+    fid_reference = None
+
+    if args.report_to == "tensorboard":
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in vars(args).items()}
+        # A run name relative to --results-dir: the events land in <exp>/tensorboard.
+        accelerator.init_trackers(f"{exp_dir.name}/tensorboard", config=hparams)
+
+    def meta(step: int, **extra) -> dict:
+        return {"model": args.model, "step": step, "args": vars(args),
+                "model_kwargs": model_kwargs, **extra}
+
+    max_steps = args.max_steps
+    if args.epochs is not None:
+        max_steps = min(max_steps, args.epochs * len(loader))
+    logger.info(f"Training from step {train_steps} to {max_steps}")
+    model.train()
+    log_losses, log_start = [], time.time()
+    progress = tqdm(total=max_steps, initial=train_steps, unit="step", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process)
+    batches = batches_from(loader, accelerator, train_steps)
+    with logging_redirect_tqdm(loggers=[logger]):
+        while train_steps < max_steps:
+            try:
+                x, cond = next(batches)
+            except CorruptImageError as err:
+                raise fail(f"{err}\nRemove the file, or pass --on-corrupt skip") from err
+            x, kwargs = model_inputs(x, cond, args, vae, text_encoder, dataset is not train_set)
+            loss = objective.training_losses(model, x, kwargs)["loss"].mean()
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if not math.isfinite(mean_loss):  # the same value on every process: all stop here
+                last = step_checkpoints(exp_dir)
+                accelerator.end_training()
+                raise SystemExit(f"train.py: loss is {mean_loss} at step {train_steps + 1}; "
+                                 f"stopping. Last good checkpoint: {last[-1] if last else 'none'}")
+            accelerator.backward(loss)
+            if args.grad_clip > 0:  # before the step (the released code clipped after it)
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema, accelerator.unwrap_model(model), args.ema_decay)
+            train_steps += 1
+            progress.update()
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            log_losses.append(mean_loss)
+            last_step = train_steps == max_steps
+
+            if train_steps % args.log_every == 0 or last_step:
+                steps_per_sec = len(log_losses) / (time.time() - log_start)
+                avg_loss = sum(log_losses) / len(log_losses)
+                logger.info(f"(step={train_steps:07d}) loss={avg_loss:.4f} "
+                            f"steps/sec={steps_per_sec:.2f}")
+                accelerator.log({"loss": avg_loss, "steps_per_sec": steps_per_sec},
+                                step=train_steps)
+                log_losses, log_start = [], time.time()
+            if train_steps % args.ckpt_every == 0 or last_step:
+                folder = ckpt_dir / f"step-{train_steps:07d}"
+                save_checkpoint(accelerator, folder, meta(train_steps))
+                if accelerator.is_main_process:
+                    prune_checkpoints(exp_dir, args.keep_last)
+                logger.info(f"Saved checkpoint {folder}")
+            if train_steps % args.sample_every == 0 or last_step:
+                if accelerator.is_main_process:
+                    grid = samples_dir / f"step-{train_steps:07d}.png"
+                    save_grid(generate, conditions, grid, args.global_seed)
+                    logger.info(f"Saved sample grid {grid}")
+                accelerator.wait_for_everyone()
+            if args.fid_every and (train_steps % args.fid_every == 0 or last_step):
+                fid, fid_reference = compute_fid(accelerator, generate, val_set, args, inception,
+                                                 fid_reference)
+                logger.info(f"(step={train_steps:07d}) FID={fid:.3f}")
+                accelerator.log({"fid": fid}, step=train_steps)
+                if fid < best_fid:
+                    best_fid = fid
+                    save_checkpoint(accelerator, ckpt_dir / "best", meta(train_steps, fid=fid))
+    progress.close()
+    if skipped:
+        logger.warning(f"Skipped {len(skipped)} corrupt image(s), listed at the top of log.txt")
+    logger.info("Done.")
+    accelerator.end_training()
+    return exp_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())
