@@ -130,6 +130,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Condition]:
         path, condition = self.samples[index]
         image = center_crop(load_image(path, self.mode), self.image_size)

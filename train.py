@@ -10,6 +10,15 @@ writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tens
 checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; see TEAM.md "Checkpoints"). A run
 started again with the same --results-dir and --model resumes the newest experiment from its latest
 complete checkpoint, exactly where it stopped (same data order and random draws).
+
+Several processes on CPUs (gloo): accelerate 1.15's `--cpu` launcher starts one process unless
+mpirun is set up, so use its torchrun launcher with the CPU forced:
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py ...
+
+Unreadable image files stop the run naming the file (--on-corrupt fail, the default), or with
+--on-corrupt skip every file is decoded once before training and the bad ones are left out, each
+named in log.txt and counted at the end.
 """
 
 from __future__ import annotations
@@ -299,17 +308,25 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def create_objective(args: argparse.Namespace) -> tuple:
+    """(training objective, sampler for grids and FID): rectified flow sampled with 25 Euler steps
+    as in the paper, or DiT's Gaussian diffusion (learned sigma) sampled with 25 DDIM steps."""
+    if args.objective == "rf":
+        flow = RectifiedFlow(SAMPLE_STEPS, args.sampling)
+        return flow, flow
+    return create_diffusion(""), create_diffusion(f"ddim{SAMPLE_STEPS}")
+
+
 class ImageSampler:
     """Turns noise into images with the EMA model: guidance, sampler, VAE decoding. Fixed noise
     (its own seed, the training RNG untouched) so grids from different steps are comparable and
     sampling never shifts the random stream that exact resuming relies on."""
 
-    def __init__(self, args, ema, vae, text_encoder, in_channels: int, input_size: int):
-        self.args, self.ema, self.vae, self.text_encoder = args, ema, vae, text_encoder
+    def __init__(self, args, ema, sampler, vae, text_encoder, in_channels: int, input_size: int):
+        self.args, self.ema, self.sampler = args, ema, sampler
+        self.vae, self.text_encoder = vae, text_encoder
         self.shape = (in_channels, input_size, input_size)
-        self.sampler = (RectifiedFlow(SAMPLE_STEPS, args.sampling) if args.objective == "rf"
-                        else create_diffusion(f"ddim{SAMPLE_STEPS}"))
-        self.null_context = text_encoder([""]) if text_encoder else None
+        self.null_context = text_encoder([""]) if text_encoder is not None else None
 
     @torch.no_grad()
     def __call__(self, conditions, seed: int) -> torch.Tensor:
@@ -329,7 +346,7 @@ class ImageSampler:
                 model_fn = self.ema.forward_with_cfg
                 kwargs.update(cfg_scale=self.args.cfg_scale, null_context=self.null_context)
             x = self.sampler.sample(model_fn, z, model_kwargs=kwargs)
-        return decode_latents(self.vae, x) if self.vae else x.clamp(-1, 1)
+        return decode_latents(self.vae, x) if self.vae is not None else x.clamp(-1, 1)
 
 
 def grid_conditions(args, captioned_set):
@@ -426,9 +443,10 @@ def check_resumable(resume_from: Path, model_kwargs: dict) -> None:
 
 def main(args: argparse.Namespace) -> Path:
     """Train as configured; returns the experiment folder."""
-    # Refuse bad input before anything is loaded or written.
+    # Refuse bad input before anything is loaded.
+    channels = 3 if args.vae != "none" else args.channels  # the VAE encodes RGB
     try:
-        train_set, classes = build_dataset(args.data_path, "train", args.image_size, args.channels)
+        train_set, classes = build_dataset(args.data_path, "train", args.image_size, channels)
     except DataError as err:
         raise fail(str(err)) from err
     check_data(args, train_set, classes)
@@ -445,23 +463,20 @@ def main(args: argparse.Namespace) -> Path:
                                                   data_seed=args.global_seed),
     )
     device = accelerator.device
-    exp_dir, resume_from = resolve_experiment(args) if accelerator.is_main_process else (None, None)
-    exp_dir, resume_from = broadcast_object_list([exp_dir, resume_from])
-    ckpt_dir, samples_dir = exp_dir / "checkpoints", exp_dir / "samples"
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(exist_ok=True)
-        samples_dir.mkdir(exist_ok=True)
-    setup_logging(exp_dir, accelerator.is_main_process)
-    logger.info(f"Experiment folder {exp_dir}")
 
     # Frozen encoders.
-    vae = load_vae(args.vae, device)
+    try:
+        vae = load_vae(args.vae, device)
+        text_encoder = (load_text_encoder(args.text_encoder, device) if is_coco(args.data_path)
+                        else None)
+    except OSError as err:  # what the hub raises offline or for a folder that is not a model
+        raise fail(f"{err}\n(`python download.py vae` / `python download.py clip` fetch the "
+                   "default encoders into the Hugging Face cache)") from err
     factor = vae_downsample_factor(vae)
     if args.image_size % factor:
         raise fail(f"--image-size {args.image_size} must be a multiple of {factor} (the VAE's "
                    "down-sampling factor)")
-    text_encoder = load_text_encoder(args.text_encoder, device) if is_coco(args.data_path) else None
-    in_channels = vae.config.latent_channels if vae is not None else len(train_set.mode)
+    in_channels = vae.config.latent_channels if vae is not None else train_set.channels
     input_size = args.image_size // factor
 
     # Model and EMA start identical on every process (same seed); the training draws are then
@@ -470,14 +485,26 @@ def main(args: argparse.Namespace) -> Path:
     context_dim = text_encoder.hidden_size if text_encoder is not None else None
     model, model_kwargs = build_model(args, in_channels, input_size, context_dim)
     ema = deepcopy(model).to(device).requires_grad_(False).eval()
-    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
     set_seed(args.global_seed, device_specific=True)
+
+    # The experiment folder: written only now that the inputs have been checked.
+    exp_dir, resume_from = resolve_experiment(args) if accelerator.is_main_process else (None, None)
+    exp_dir, resume_from = broadcast_object_list([exp_dir, resume_from])
+    ckpt_dir, samples_dir = exp_dir / "checkpoints", exp_dir / "samples"
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(exist_ok=True)
+        samples_dir.mkdir(exist_ok=True)
+    setup_logging(exp_dir, accelerator.is_main_process)
+    logger.info(f"Experiment folder {exp_dir}")
+    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     # Data.
     skipped = train_set.remove_corrupt() if args.on_corrupt == "skip" else []
     for path in skipped:
         logger.warning(f"Skipping corrupt image {path}")
     dataset = train_set
+    if args.cache_latents and vae is None:
+        logger.warning("--cache-latents has no effect in pixel space (--vae none)")
     try:
         if args.cache_latents and vae is not None:
             cache = latent_cache_path(Path(args.results_dir) / "latent-cache", train_set, args.vae)
@@ -501,8 +528,7 @@ def main(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(ema)  # saved as custom_checkpoint_0.pkl
-    objective = (RectifiedFlow(SAMPLE_STEPS, args.sampling) if args.objective == "rf"
-                 else create_diffusion(""))
+    objective, sampler = create_objective(args)
 
     train_steps, best_fid = 0, math.inf
     if resume_from is not None:
@@ -517,11 +543,11 @@ def main(args: argparse.Namespace) -> Path:
     # Sample grids and FID.
     val_set = None
     try:
-        val_set, _ = build_dataset(args.data_path, "val", args.image_size, len(train_set.mode))
+        val_set, _ = build_dataset(args.data_path, "val", args.image_size, train_set.channels)
     except DataError as err:
         if args.fid_every:
             raise fail(f"{err} (FID is measured on val images)") from err
-    generate = ImageSampler(args, ema, vae, text_encoder, in_channels, input_size)
+    generate = ImageSampler(args, ema, sampler, vae, text_encoder, in_channels, input_size)
     conditions = grid_conditions(args, val_set if val_set is not None else train_set)
     inception = load_inception(args.inception, device) if args.fid_every else None
     fid_reference = None

@@ -98,7 +98,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, tmp_pat
     straight = run(images, tmp_path / "a", *common, "--max-steps", "5")
     first = run(images, tmp_path / "b", *common, "--max-steps", "3")  # stops mid-epoch 1
     (first / "checkpoints" / ".tmp-step-0000004").mkdir()  # a save that crashed half-way
-    resumed = run(images, tmp_path / "b", *common, "--max-steps", "5")
+    # data-loader workers do no random draws, so their number does not matter either
+    resumed = run(images, tmp_path / "b", *common, "--max-steps", "5", "--num-workers", "2")
     assert resumed == first
     expected = checkpoint_state(straight / "checkpoints" / "step-0000005")
     got = checkpoint_state(resumed / "checkpoints" / "step-0000005")
@@ -160,7 +161,7 @@ def test_text_conditional_with_guided_grid_and_fid(tmp_path):
 def test_bad_input_is_refused_before_training(images, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         run(images, tmp_path, *extra)
-    assert not list(tmp_path.rglob("step-*"))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no experiment folder
 
 
 def test_unknown_model_lists_the_choices(capsys):
