@@ -103,6 +103,13 @@ def add_switch(parser: argparse.ArgumentParser, on: str, off: str, help: str) ->
     add_option(parser, off, action="store_false", dest=dest, help=f"turn off --{on}")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def stage_list(text: str) -> tuple[int, ...]:
     try:
         stages = tuple(int(n) for n in text.split(","))
@@ -118,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Data
     add_option(p, "data-path", required=True,
                help="folder with train/ and val/ (ImageFolder), or COCO captions with annotations/")
-    add_option(p, "image-size", type=int, default=256)
+    add_option(p, "image-size", type=positive_int, default=256)
     add_option(p, "num-classes", type=int, default=0,
                help="class-conditional when > 0 (must match the class folders); 0 = unconditional")
     add_option(p, "channels", type=int, choices=[1, 3],
@@ -150,30 +157,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(p, "cond-drop-prob", type=float, default=0.1,
                help="probability of the null class / empty caption (for guidance)")
     # Optimisation
-    add_option(p, "batch-size", type=int, default=8, help="per process")
+    add_option(p, "batch-size", type=positive_int, default=8, help="per process")
     add_option(p, "lr", type=float, default=1e-4)
     add_option(p, "weight-decay", type=float, default=0.0)
     add_option(p, "ema-decay", type=float, default=0.9999)
     add_option(p, "grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
     add_option(p, "mixed-precision", choices=["no", "fp16", "bf16"],
                help="default: accelerate's config / launch flag")
-    add_option(p, "max-steps", type=int, default=400_000)
-    add_option(p, "epochs", type=int, help="stop after this many epochs (or --max-steps)")
+    add_option(p, "max-steps", type=positive_int, default=400_000)
+    add_option(p, "epochs", type=positive_int, help="stop after this many epochs (or --max-steps)")
     add_option(p, "global-seed", type=int, default=0)
     # Output
     add_option(p, "results-dir", default="results")
     add_option(p, "resume", default="auto",
                help="auto: the newest experiment of this model in --results-dir, if it has a "
                     "checkpoint; none: a new experiment; or an experiment / checkpoint folder")
-    add_option(p, "ckpt-every", type=int, default=10_000)
-    add_option(p, "keep-last", type=int, default=3, help="step checkpoints kept (best/ apart)")
-    add_option(p, "sample-every", type=int, default=20_000)
+    add_option(p, "ckpt-every", type=positive_int, default=10_000)
+    add_option(p, "keep-last", type=positive_int, default=3,
+               help="step checkpoints kept (best/ apart)")
+    add_option(p, "sample-every", type=positive_int, default=20_000)
     add_option(p, "cfg-scale", type=float, default=1.0,
                help="guidance for sample grids and FID (1 = none)")
     add_option(p, "fid-every", type=int, default=0, help="0 disables FID during training")
-    add_option(p, "fid-images", type=int, default=1000, help="val images (and samples) for FID")
+    add_option(p, "fid-images", type=positive_int, default=1000,
+               help="val images (and as many samples) for FID")
     add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
-    add_option(p, "log-every", type=int, default=100)
+    add_option(p, "log-every", type=positive_int, default=100)
     add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
     return p.parse_args(argv)
 
