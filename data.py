@@ -96,10 +96,16 @@ def coco_samples(data_path: str | Path, split: str) -> list[tuple[str, list[str]
     return samples
 
 
-def image_mode(path: str) -> str:
-    """PIL mode to load a data set in: "L" when its first image is single-channel, else "RGB"."""
-    with Image.open(path) as image:
-        return "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+def image_mode(samples: list[tuple[str, Condition]]) -> str:
+    """PIL mode to load a data set in: "L" when its first readable image is single-channel, else
+    "RGB" (unreadable files are left to the --on-corrupt policy)."""
+    for path, _ in samples:
+        try:
+            with Image.open(path) as image:
+                return "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+        except (OSError, ValueError, SyntaxError):
+            continue
+    return "RGB"
 
 
 def load_image(path: str, mode: str) -> Image.Image:
@@ -166,7 +172,7 @@ def build_dataset(
         samples, classes = coco_samples(data_path, split), []
     else:
         samples, classes = image_folder_samples(data_path, split)
-    mode = image_mode(samples[0][0]) if channels is None else {1: "L", 3: "RGB"}[channels]
+    mode = image_mode(samples) if channels is None else {1: "L", 3: "RGB"}[channels]
     return ImageDataset(samples, image_size, mode), classes
 
 

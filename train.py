@@ -459,12 +459,11 @@ def main(args: argparse.Namespace) -> Path:
     except DataError as err:
         raise fail(str(err)) from err
     check_data(args, train_set, classes)
-    if args.report_to == "tensorboard" and not is_tensorboard_available():
-        raise fail("--report-to tensorboard needs the tensorboard package (or --report-to none)")
+    tensorboard = args.report_to == "tensorboard" and is_tensorboard_available()
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        log_with="tensorboard" if tensorboard else None,
         project_dir=args.results_dir,
         # The sampler reshuffles from global_seed + epoch, the same on every process, so the data
         # order is a function of the step alone: what exact resuming needs.
@@ -561,7 +560,9 @@ def main(args: argparse.Namespace) -> Path:
     inception = load_inception(args.inception, device) if args.fid_every else None
     fid_reference = None
 
-    if args.report_to == "tensorboard":
+    if args.report_to == "tensorboard" and not tensorboard:
+        logger.warning("tensorboard is not installed: logging to log.txt only")
+    if tensorboard:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in vars(args).items()}
         # A run name relative to --results-dir: the events land in <exp>/tensorboard.
