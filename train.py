@@ -502,6 +502,8 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         ckpt_dir.mkdir(exist_ok=True)
         samples_dir.mkdir(exist_ok=True)
+        for leftover in ckpt_dir.glob(".tmp-*"):  # saves that an earlier run did not finish
+            shutil.rmtree(leftover)
     setup_logging(exp_dir, accelerator.is_main_process)
     logger.info(f"Experiment folder {exp_dir}")
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")

@@ -101,6 +101,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, tmp_pat
     # data-loader workers do no random draws, so their number does not matter either
     resumed = run(images, tmp_path / "b", *common, "--max-steps", "5", "--num-workers", "2")
     assert resumed == first
+    assert not (first / "checkpoints" / ".tmp-step-0000004").exists()
     expected = checkpoint_state(straight / "checkpoints" / "step-0000005")
     got = checkpoint_state(resumed / "checkpoints" / "step-0000005")
     assert expected.keys() == got.keys()
