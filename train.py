@@ -386,7 +386,9 @@ def compute_fid(accelerator, generate: ImageSampler, val_set, args, inception,
     statistics), the latter computed on the first call only."""
     n = min(args.fid_images, len(val_set))
     shard = Subset(val_set, range(accelerator.process_index, n, accelerator.num_processes))
-    loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=collate)
+    # Its own generator: starting the loader must not draw from the training RNG (exact resume).
+    loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=collate,
+                        generator=torch.Generator())
     real, fake = [], []
     for i, (images, conditions) in enumerate(loader):
         if reference is None:
@@ -632,7 +634,8 @@ def main(args: argparse.Namespace) -> Path:
             if args.fid_every and (train_steps % args.fid_every == 0 or last_step):
                 fid, fid_reference = compute_fid(accelerator, generate, val_set, args, inception,
                                                  fid_reference)
-                logger.info(f"(step={train_steps:07d}) FID={fid:.3f}")
+                logger.info(f"(step={train_steps:07d}) FID={fid:.3f} "
+                            f"({min(args.fid_images, len(val_set))} images)")
                 accelerator.log({"fid": fid}, step=train_steps)
                 if fid < best_fid:
                     best_fid = fid

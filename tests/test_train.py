@@ -52,6 +52,17 @@ def images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), per_class=5, size=8)
 
 
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    """A tiny TorchScript feature network that stands in for Inception and keeps FID cheap."""
+    path = tmp_path_factory.mktemp("features") / "features.pt"
+    with pytest.warns(FutureWarning, match="deprecated"):  # torch 2.15 deprecates TorchScript
+        net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
+                                                   torch.nn.Flatten()))
+    net.save(str(path))
+    return path
+
+
 def test_both_spellings_and_paper_defaults():
     authors = ("--model USM-B/1 --data-path d --batch_size 8 --num-classes 0 --results_dir r "
                "--learn_pos_emb --sample-every 20000 --ckpt-every 10000 --use_ckpt --sampling log "
@@ -91,10 +102,11 @@ def test_pixel_space_run_writes_checkpoints_samples_and_logs(images, tmp_path):
     assert list((exp / "tensorboard").rglob("events.out.tfevents*"))
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, tmp_path):
-    # sampling at step 3 must not shift the random stream either
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, features, tmp_path):
+    # sampling and FID at step 3 must not shift the random stream either
     common = ["--num-classes", "2", "--ema-decay", "0.5", "--ckpt-every", "3",
-              "--sample-every", "3"]
+              "--sample-every", "3", "--fid-every", "3", "--fid-images", "4",
+              "--inception", str(features)]
     straight = run(images, tmp_path / "a", *common, "--max-steps", "5")
     first = run(images, tmp_path / "b", *common, "--max-steps", "3")  # stops mid-epoch 1
     (first / "checkpoints" / ".tmp-step-0000004").mkdir()  # a save that crashed half-way
@@ -135,16 +147,11 @@ def test_latent_space_from_a_latent_cache(tmp_path):
     assert Image.open(exp / "samples" / "step-0000002.png").size == (8 * 64 + 18, 2 * 64 + 6)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_text_conditional_with_guided_grid_and_fid(tmp_path):
+def test_text_conditional_with_guided_grid_and_fid(features, tmp_path):
     data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=3, size=8)
     clip = save_tiny_clip(tmp_path / "clip", hidden_size=16)
-    # A tiny TorchScript feature network in place of Inception keeps FID cheap.
-    features = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
-                                                    torch.nn.Flatten()))
-    features.save(str(tmp_path / "features.pt"))
     exp = run(data, tmp_path / "r", "--text-encoder", str(clip), "--cfg-scale", "3",
-              "--fid-every", "1", "--fid-images", "3", "--inception", str(tmp_path / "features.pt"))
+              "--fid-every", "1", "--fid-images", "3", "--inception", str(features))
     meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
     assert meta["model_kwargs"]["context_dim"] == 16
     captions = (exp / "samples" / "step-0000002.txt").read_text().splitlines()
