@@ -49,6 +49,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cli import add_option, add_switch, fail, positive_int, stage_list
 from data import (
     CorruptImageError,
     DataError,
@@ -64,20 +65,25 @@ from data import (
 )
 from diffusion import RectifiedFlow, create_diffusion
 from encoders import (
-    decode_latents,
     encode_images,
     load_text_encoder,
     load_vae,
     vae_downsample_factor,
 )
 from evaluate_fid import compute_statistics, frechet_distance, load_inception
-from models import All_models, USM_models
+from models import All_models
+from sampling import (
+    CHECKPOINT_RE,
+    SAMPLE_STEPS,
+    ImageSampler,
+    build_model,
+    step_checkpoints,
+    to_uint8,
+)
 
-SAMPLE_STEPS = 25  # the paper samples with 25 Euler steps; Gaussian grids use DDIM with as many
 GRID_COLUMNS = 8
 GRID_ROWS = 2  # unconditional and text grids; class-conditional grids have one row per class
 MAX_GRID_CLASSES = 16
-CHECKPOINT_RE = re.compile(r"step-(\d+)")
 
 logger = logging.getLogger("train")
 
@@ -85,39 +91,6 @@ logger = logging.getLogger("train")
 #################################################################################
 #                                Command line                                    #
 #################################################################################
-
-
-def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Register --name with dashes and with underscores: the authors' README mixes both."""
-    dashed, underscored = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
-    flags = [dashed] if dashed == underscored else [dashed, underscored]
-    kwargs.setdefault("dest", name.replace("-", "_"))
-    parser.add_argument(*flags, **kwargs)
-
-
-def add_switch(parser: argparse.ArgumentParser, on: str, off: str, help: str) -> None:
-    """An option that is on by default: --<on> is accepted (the authors' command line passes it),
-    --<off> turns it off."""
-    dest = on.replace("-", "_")
-    add_option(parser, on, action="store_true", default=True, help=help)
-    add_option(parser, off, action="store_false", dest=dest, help=f"turn off --{on}")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def stage_list(text: str) -> tuple[int, ...]:
-    try:
-        stages = tuple(int(n) for n in text.split(","))
-    except ValueError:
-        stages = ()
-    if not stages or min(stages) < 1:
-        raise argparse.ArgumentTypeError(f"expected block counts such as 4,4,4, got {text!r}")
-    return stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,16 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #################################################################################
 #                           Experiment folders, checkpoints                      #
 #################################################################################
-
-
-def step_checkpoints(exp_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first. Renaming .tmp-* into place is the last thing a save
-    does, so a half-written checkpoint never matches."""
-    steps = {}
-    for folder in (exp_dir / "checkpoints").glob("step-*"):
-        if match := CHECKPOINT_RE.fullmatch(folder.name):
-            steps[int(match[1])] = folder
-    return [steps[step] for step in sorted(steps)]
 
 
 def resolve_experiment(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -279,10 +242,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
 
-def fail(message: str) -> SystemExit:
-    return SystemExit(f"train.py: error: {message}")
-
-
 def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
     """Inputs that would only fail later (or silently train the wrong thing) are refused now."""
     if is_coco(args.data_path) and args.num_classes:
@@ -295,28 +254,6 @@ def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
         raise fail("the VAE encodes RGB images: use --vae none for grayscale pixel-space training")
 
 
-def build_model(args: argparse.Namespace, in_channels: int, input_size: int,
-                context_dim: int | None) -> tuple[nn.Module, dict]:
-    """The model and its exact constructor kwargs (meta.json stores them to rebuild it)."""
-    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=args.num_classes,
-                  context_dim=context_dim, learn_sigma=args.objective == "gaussian",
-                  learn_pos_emb=args.learn_pos_emb, use_checkpoint=args.use_ckpt)
-    if args.model in USM_models:  # Zigma's constructors do not take the U-shape options
-        kwargs.update(skip_conn=args.skip_conn, use_convtranspose=args.use_convtranspose)
-        if args.stages:
-            kwargs["stages"] = args.stages
-    try:
-        return All_models[args.model](**kwargs), kwargs
-    except ValueError as err:
-        space = "pixel space" if args.vae == "none" else f"latents of the {args.vae} VAE"
-        raise fail(f"--image-size {args.image_size} gives a {input_size}x{input_size} input "
-                   f"({space}) that {args.model} cannot take: {err}") from err
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def create_objective(args: argparse.Namespace) -> tuple:
     """(training objective, sampler for grids and FID): rectified flow sampled with 25 Euler steps
     as in the paper, or DiT's Gaussian diffusion (learned sigma) sampled with 25 DDIM steps."""
@@ -324,38 +261,6 @@ def create_objective(args: argparse.Namespace) -> tuple:
         flow = RectifiedFlow(SAMPLE_STEPS, args.sampling)
         return flow, flow
     return create_diffusion(""), create_diffusion(f"ddim{SAMPLE_STEPS}")
-
-
-class ImageSampler:
-    """Turns noise into images with the EMA model: guidance, sampler, VAE decoding. Fixed noise
-    (its own seed, the training RNG untouched) so grids from different steps are comparable and
-    sampling never shifts the random stream that exact resuming relies on."""
-
-    def __init__(self, args, ema, sampler, vae, text_encoder, in_channels: int, input_size: int):
-        self.args, self.ema, self.sampler = args, ema, sampler
-        self.vae, self.text_encoder = vae, text_encoder
-        self.shape = (in_channels, input_size, input_size)
-        self.null_context = text_encoder([""]) if text_encoder is not None else None
-
-    @torch.no_grad()
-    def __call__(self, conditions, seed: int) -> torch.Tensor:
-        """conditions: a LongTensor of labels, a list of captions, or a count (unconditional)."""
-        n = conditions if isinstance(conditions, int) else len(conditions)
-        device = next(self.ema.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            z = torch.randn(n, *self.shape, device=device)
-            kwargs = {}
-            if isinstance(conditions, torch.Tensor):
-                kwargs["y"] = conditions.to(device)
-            elif isinstance(conditions, list):
-                kwargs["context"] = self.text_encoder(conditions)
-            model_fn = self.ema
-            if kwargs and self.args.cfg_scale != 1:
-                model_fn = self.ema.forward_with_cfg
-                kwargs.update(cfg_scale=self.args.cfg_scale, null_context=self.null_context)
-            x = self.sampler.sample(model_fn, z, model_kwargs=kwargs)
-        return decode_latents(self.vae, x) if self.vae is not None else x.clamp(-1, 1)
 
 
 def grid_conditions(args, captioned_set):
@@ -493,7 +398,10 @@ def main(args: argparse.Namespace) -> Path:
     # seeded per process so that each process adds its own noise.
     set_seed(args.global_seed)
     context_dim = text_encoder.hidden_size if text_encoder is not None else None
-    model, model_kwargs = build_model(args, in_channels, input_size, context_dim)
+    try:
+        model, model_kwargs = build_model(args, in_channels, input_size, context_dim)
+    except ValueError as err:
+        raise fail(str(err)) from err
     ema = deepcopy(model).to(device).requires_grad_(False).eval()
     set_seed(args.global_seed, device_specific=True)
 
@@ -559,7 +467,8 @@ def main(args: argparse.Namespace) -> Path:
     except DataError as err:
         if args.fid_every:
             raise fail(f"{err} (FID is measured on val images)") from err
-    generate = ImageSampler(args, ema, sampler, vae, text_encoder, in_channels, input_size)
+    generate = ImageSampler(ema, sampler, vae, text_encoder, in_channels, input_size,
+                            args.cfg_scale)
     conditions = grid_conditions(args, val_set if val_set is not None else train_set)
     inception = load_inception(args.inception, device) if args.fid_every else None
     fid_reference = None
