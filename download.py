@@ -33,7 +33,7 @@ from tqdm import tqdm
 #                                  Checkpoints                                  #
 #################################################################################
 
-# Names that train.py's accelerator.save_state writes (see TEAM.md "Checkpoints"): the EMA module is
+# Names that train.py's accelerator.save_state writes (README "Checkpoints"): the EMA module is
 # the first object registered for checkpointing, saved by accelerate as custom_checkpoint_0.pkl.
 EMA_FILE = "custom_checkpoint_0.pkl"
 MODEL_FILE = "model.safetensors"
@@ -56,24 +56,31 @@ def _existing(path: str | os.PathLike) -> Path:
     return path
 
 
-def find_model(name_or_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint, EMA weights when it has them.
+def find_model(name_or_path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint: its EMA weights when it has them (weights="ema", falling
+    back to the raw model), or the raw model's (weights="model").
 
-    Accepts a checkpoint folder written by train.py (custom_checkpoint_0.pkl = EMA, else
-    model.safetensors) or a .pt file (a dict with "ema" and/or "model", or a bare state dict).
-    We publish no pretrained USM weights, so unlike DiT's find_model there are no names to download.
+    Accepts a checkpoint folder written by train.py (custom_checkpoint_0.pkl = EMA,
+    model.safetensors = model) or a .pt file (a dict with "ema" and/or "model", or a bare state
+    dict). We publish no pretrained USM weights, so unlike DiT's find_model there are no names to
+    download.
     """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = _existing(name_or_path)
     if path.is_dir():
-        if (path / EMA_FILE).exists():
+        if weights == "ema" and (path / EMA_FILE).exists():
             return _torch_load(path / EMA_FILE)
         if (path / MODEL_FILE).exists():
             return load_file(path / MODEL_FILE)
-        raise FileNotFoundError(f"{path} has neither {EMA_FILE} (EMA) nor {MODEL_FILE}")
+        raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
+            f" nor {EMA_FILE} (EMA)" if weights == "ema" else ""))
     checkpoint = _torch_load(path)
-    for key in ("ema", "model"):
+    for key in ("ema", "model") if weights == "ema" else ("model",):
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
+    if weights == "model" and "ema" in checkpoint:
+        raise KeyError(f"{path} has no 'model' weights, only 'ema'")
     return checkpoint
 
 
@@ -219,7 +226,8 @@ def fashion_mnist_files(
     return files
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as a PNG, atomically."""
     tmp = path.with_name(f".{path.name}.tmp")  # rename into place: no half-written PNG survives
     Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -252,7 +260,7 @@ def export_fashion_mnist(
         for i in tqdm(keep, desc=f"fashion-mnist {split}"):
             path = out / split / FASHION_MNIST_CLASSES[labels[i]] / f"{i:05d}.png"
             if not path.exists():
-                _save_png(images[i], path)
+                save_png(images[i], path)
     return out
 
 

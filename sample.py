@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from cli import add_option, add_switch, fail, int_list, positive_int, stage_list
 from diffusion import RectifiedFlow, create_diffusion
-from download import MODEL_FILE, _save_png, _torch_load, find_model, load_checkpoint_meta
+from download import find_model, load_checkpoint_meta, save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
 from models import All_models
 from sampling import SAMPLE_STEPS, ImageSampler, build_model, step_checkpoints, to_uint8
@@ -207,14 +206,10 @@ def create_model(options: argparse.Namespace, meta: dict, vae, text_encoder) -> 
 
 def load_weights(model: nn.Module, name: str, ckpt: Path, weights: str) -> nn.Module:
     """Load --weights into the model, naming every key or shape that does not fit."""
-    if weights == "ema":
-        state_dict = find_model(ckpt)  # EMA when the checkpoint has it
-    elif ckpt.is_dir():
-        state_dict = load_file(ckpt / MODEL_FILE)
-    else:
-        state_dict = _torch_load(ckpt).get("model")
-        if state_dict is None:
-            raise fail(f"{ckpt} has no 'model' weights; use --weights ema")
+    try:
+        state_dict = find_model(ckpt, weights)
+    except KeyError as err:
+        raise fail(f"{err.args[0]}; use --weights ema") from err
     expected = model.state_dict()
     problems = [f"missing {k}" for k in sorted(expected.keys() - state_dict.keys())]
     problems += [f"unexpected {k}" for k in sorted(state_dict.keys() - expected.keys())]
@@ -377,7 +372,7 @@ def save_samples(images: torch.Tensor, indices: list[int], folder: Path) -> None
     """(B, 1 or 3, H, W) images in [-1, 1] -> PNGs; grayscale stays one channel."""
     pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     for index, image in zip(indices, pixels, strict=True):
-        _save_png(image.squeeze(-1) if image.shape[-1] == 1 else image, png_path(folder, index))
+        save_png(image.squeeze(-1) if image.shape[-1] == 1 else image, png_path(folder, index))
 
 
 def write_npz(folder: Path, num_samples: int) -> Path:

@@ -7,7 +7,7 @@ image folders or COCO captions, in the VAE's latent space or in pixel space.
 
 Every option is accepted with dashes and with underscores (--batch-size / --batch_size). Each run
 writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tensorboard/ and
-checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; see TEAM.md "Checkpoints"). A run
+checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; README "Checkpoints"). A run
 started again with the same --results-dir and --model resumes the newest experiment from its latest
 complete checkpoint, exactly where it stopped (same data order and random draws).
 
@@ -173,7 +173,7 @@ def resolve_experiment(args: argparse.Namespace) -> tuple[Path, Path | None]:
         if CHECKPOINT_RE.fullmatch(path.name) and (path / "meta.json").is_file():
             return path.parent.parent, path
         if not step_checkpoints(path):
-            raise SystemExit(f"train.py: error: --resume {path}: no complete checkpoint there")
+            raise fail(f"--resume {path}: no complete checkpoint there")
         return path, step_checkpoints(path)[-1]
     pattern = re.compile(rf"(\d+)-{re.escape(name)}")
     experiments = sorted(

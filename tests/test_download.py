@@ -169,6 +169,7 @@ def test_find_model_and_meta_on_checkpoint_forms(tmp_path):
     torch.save(state_dict(2.0), folder / "custom_checkpoint_0.pkl")
     (folder / "meta.json").write_text(json.dumps(meta))
     assert find_model(folder)["weight"].eq(2.0).all()  # EMA preferred
+    assert find_model(folder, weights="model")["weight"].eq(1.0).all()
     assert load_checkpoint_meta(folder) == meta
     (folder / "custom_checkpoint_0.pkl").unlink()
     assert find_model(folder)["weight"].eq(1.0).all()
@@ -180,6 +181,10 @@ def test_find_model_and_meta_on_checkpoint_forms(tmp_path):
     torch.save({"model": state_dict(1.0), "ema": state_dict(2.0), "opt": {},
                 "args": argparse.Namespace(model="USM-T/1", image_size=32)}, tmp_path / "full.pt")
     assert find_model(tmp_path / "full.pt")["weight"].eq(2.0).all()
+    assert find_model(tmp_path / "full.pt", weights="model")["weight"].eq(1.0).all()
+    torch.save({"ema": state_dict(2.0)}, tmp_path / "ema_only.pt")
+    with pytest.raises(KeyError, match="only 'ema'"):
+        find_model(tmp_path / "ema_only.pt", weights="model")
     assert load_checkpoint_meta(tmp_path / "full.pt") == {
         "model": "USM-T/1", "args": {"model": "USM-T/1", "image_size": 32}}
     torch.save({"model": state_dict(1.0), "model_kwargs": {"input_size": 32}}, tmp_path / "m.pt")
