@@ -262,7 +262,7 @@ def report(meta: dict, main: list[dict], rel: list[dict], scale: list[dict],
         f"# Efficiency benchmark: {a} vs {b} ({meta['device']})",
         f"Command: `{meta['command']}`  \n"
         f"Date: {meta['date']}; torch {meta['torch']}; {meta['hardware']}; "
-        f"{meta['threads']} threads; load average {meta['load']} on {os.cpu_count()} cores"
+        f"threads: {meta['threads']}; load average {meta['load']} on {os.cpu_count()} cores"
         + (" (other work was running: the timings are noisy)" if meta["busy"] else ""),
         f"FLOPs: {METHOD}  \n"
         f"Timing: median of {meta['repeats']} runs after {meta['warmup']} warm-up. Sampling step "
@@ -284,7 +284,7 @@ def report(meta: dict, main: list[dict], rel: list[dict], scale: list[dict],
         f"- 1, time saved = 1 - {a} time / {b} time. The FLOP ratio does not depend on "
         "counting FLOPs or MACs.",
         table(["text", "GFLOPs ratio", "sampling speed-up", "faster (speed gained)", "time saved",
-               "sampling memory saved", "training memory saved", "training throughput"],
+               "sampling memory saved", "training memory saved", "training img/s ratio"],
               rel_rows),
         "## Scaling with the number of tokens (no text, batch 1)",
         f"DiT = timm ViT Blocks of the same width (cost only, no adaLN). Latency and memory at "
