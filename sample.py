@@ -43,14 +43,14 @@ from download import find_model, load_checkpoint_meta, save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
 from models import All_models
 from sampling import SAMPLE_STEPS, ImageSampler, build_model, step_checkpoints, to_uint8
+from train import parse_args as parse_train_args
 
 # Options that describe the model. They default to what the checkpoint records; for a checkpoint
-# that records nothing (a bare state dict) to train.py's defaults.
-TRAIN_DEFAULTS = dict(model="USM-B/1", num_classes=0, image_size=256, channels=None,
-                      learn_pos_emb=False, skip_conn=True, use_convtranspose=True, stages=None,
-                      objective="rf", vae="ema", text_encoder="openai/clip-vit-large-patch14")
+# that records nothing (a bare state dict) to train.py's own defaults, read from its parser.
 MODEL_OPTIONS = ("model", "num_classes", "image_size", "channels", "learn_pos_emb", "skip_conn",
                  "use_convtranspose", "stages", "objective")  # vae, text encoder: may be swapped
+TRAIN_DEFAULTS = {name: value for name, value in vars(parse_train_args(["--data-path", ""])).items()
+                  if name in (*MODEL_OPTIONS, "vae", "text_encoder")}
 DDPM_STEPS = "250"  # DiT's FID protocol for Gaussian diffusion
 
 
