@@ -5,6 +5,11 @@ USM: Ergasti et al., "U-Shape Mamba: State Space Model for faster diffusion", CV
 The layout follows DiT (Peebles & Xie 2023): embedders, blocks with adaLN-Zero, a final layer,
 and a registry of named configurations at the bottom of the file.
 
+Both networks are the published ones (../shared/UPSTREAM.md): with the same weights, USM computes
+what the authors' release computes and Zigma what CompVis/zigma (config zigzag8_b1_pe2) computes,
+so their checkpoints load (loader.py). They share the selective scan, the SSM layer, the
+conditioning and the cross-attention; their blocks differ as their authors built them.
+
 Time convention: models take t in [0, 1] (the rectified-flow time, or the diffusion step divided by
 the number of training steps) and scale it by 1000 before the sinusoidal embedding, so the embedding
 sees the same range as DiT's integer timesteps.
@@ -17,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.layers import DropPath, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import classifier_free_guidance
@@ -28,6 +33,23 @@ from zigzag import NUM_PATHS, zigzag_inverse, zigzag_path
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation (DiT eq. in Sec. 3.2): per-sample shift and scale over all tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(h: int, w: int, dim: int) -> torch.Tensor:
+    """The fixed 2-D sin-cos table both releases use when the embedding is not learned (MAE's
+    layout): the first dim/2 channels encode the column, the last dim/2 the row, each as
+    [sin | cos] over frequencies 10000^(-i / (dim/4)). Shape (1, h*w, dim), raster order."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                                torch.arange(w, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float().unsqueeze(0)
 
 
 #################################################################################
@@ -99,25 +121,30 @@ class SelectiveSSM(nn.Module):
 
     delta, B and C are projected from the input itself; A is diagonal and input-independent.
     Initialisation follows Mamba: A = -(1..N) per channel (stored as log), D = 1, and the dt bias
-    is the inverse softplus of dt drawn log-uniformly in [dt_min, dt_max].
+    is the inverse softplus of dt drawn log-uniformly in [dt_min, dt_max]. The scan keeps A, D and
+    the dt bias in float32 whatever the autocast dtype (Mamba's own rule).
     """
 
-    def __init__(
-        self, d_inner: int, d_state: int = 16, dt_rank: int = 1,
-        dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4,
-    ):
+    def __init__(self, d_inner: int, d_state: int = 16, dt_rank: int = 1):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1,
+                         dt_floor: float = 1e-4) -> None:
+        self.x_proj.reset_parameters()  # nn.Linear's default, as in both releases
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        d_inner = self.D.numel()
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)))
         dt = (dt * dt_min).clamp(min=dt_floor)
-        with torch.no_grad():  # inverse softplus: softplus(bias) == dt
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(d_inner))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1.0)).repeat(d_inner, 1))
+        self.D.fill_(1.0)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         dt, B, C = self.x_proj(rearrange(x, "b d l -> b l d")).split(
@@ -135,34 +162,36 @@ class SS2D(nn.Module):
     """USM's 2-D selective scan with one zigzag direction (SPEC "SS2D").
 
     in_proj -> (x, z); depthwise 3x3 conv + SiLU on x in the 2-D layout; tokens gathered into
-    the block's zigzag order; selective scan; back to raster order; LayerNorm; gate by SiLU(z);
-    out_proj.
+    the block's zigzag order (the authors' numbering, zigzag.py); selective scan; back to raster
+    order; LayerNorm; gate by SiLU(z); out_proj. `gate=False` is the authors' --skip_gate: no z
+    branch (in_proj C -> Di) and no gating.
     """
 
     def __init__(self, dim: int, grid: tuple[int, int], path: int, d_state: int = 16,
-                 expand: int = 2):
+                 expand: int = 2, gate: bool = True):
         super().__init__()
         d_inner = expand * dim
-        self.grid = grid
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.grid, self.gate = grid, gate
+        self.in_proj = nn.Linear(dim, (2 if gate else 1) * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
         self.ssm = SelectiveSSM(d_inner, d_state, dt_rank=math.ceil(dim / 16))
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
-        self.register_buffer("perm", zigzag_path(*grid, path), persistent=False)
-        self.register_buffer("inverse", zigzag_inverse(*grid, path), persistent=False)
+        self.register_buffer("perm", zigzag_path(*grid, path, "usm"), persistent=False)
+        self.register_buffer("inverse", zigzag_inverse(*grid, path, "usm"), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = self.in_proj(x).chunk(2, dim=-1) if self.gate else (self.in_proj(x), None)
         h, w = self.grid
         x = F.silu(self.conv2d(rearrange(x, "b (h w) d -> b d h w", h=h, w=w)))
         y = self.ssm(rearrange(x, "b d h w -> b d (h w)")[:, :, self.perm])
-        y = rearrange(y[:, :, self.inverse], "b d l -> b l d")
-        return self.out_proj(self.out_norm(y) * F.silu(z))
+        y = self.out_norm(rearrange(y[:, :, self.inverse], "b d l -> b l d"))
+        return self.out_proj(y * F.silu(z) if self.gate else y)
 
 
 class ZigmaMixer(nn.Module):
-    """Zigma's Mamba mixer: Mamba's causal depthwise conv1d (d_conv 4) on the zigzag sequence."""
+    """Zigma's Mamba mixer: Mamba's causal depthwise conv1d (d_conv 4) on the zigzag sequence
+    (Zigma's path numbering, zigzag.py)."""
 
     def __init__(self, dim: int, path: int, grid: tuple[int, int], d_state: int = 16,
                  expand: int = 2, d_conv: int = 4):
@@ -172,8 +201,8 @@ class ZigmaMixer(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, padding=d_conv - 1, groups=d_inner)
         self.ssm = SelectiveSSM(d_inner, d_state, dt_rank=math.ceil(dim / 16))
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
-        self.register_buffer("perm", zigzag_path(*grid, path), persistent=False)
-        self.register_buffer("inverse", zigzag_inverse(*grid, path), persistent=False)
+        self.register_buffer("perm", zigzag_path(*grid, path, "zigma"), persistent=False)
+        self.register_buffer("inverse", zigzag_inverse(*grid, path, "zigma"), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = rearrange(self.in_proj(x[:, self.perm]), "b l d -> b d l").chunk(2, dim=1)
@@ -189,7 +218,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)  # k rows, then v rows
         self.to_out = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -204,55 +233,102 @@ class CrossAttention(nn.Module):
 #################################################################################
 
 
-class MambaBlock(nn.Module):
-    """One residual block: x = x + gate * mixer(modulate(norm(x))) [+ cross-attention].
+class AdaLNBlock(nn.Module):
+    """What the USM and Zigma blocks share: adaLN-Zero conditioning (DiT Sec. 3.2) and, with text,
+    a cross-attention step driven by a second shift/scale/gate triplet. There is no MLP (SPEC).
 
-    adaLN-Zero (DiT Sec. 3.2): the modulation MLP is zero-initialised, so every gate starts at 0
-    and the block starts as the identity. There is no MLP (SPEC). With text, a second
-    shift/scale/gate triplet drives the cross-attention that follows the Mamba branch.
-    `skip_dim` adds USM's skip projection: the encoder output is concatenated on channels and
-    projected 2C -> C before the norm.
+    The modulation MLP is zero-initialised (by each model's init), so every gate starts at 0.
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, norm: nn.Module, cross_attn: bool = False,
-                 skip: bool = False):
+    def __init__(self, dim: int, cross_attn: bool):
         super().__init__()
-        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
-        self.norm = norm
-        self.mixer = mixer
         self.cross_attn = CrossAttention(dim) if cross_attn else None
-        n_mod = 6 if cross_attn else 3
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim))
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if cross_attn else 3)
+                                                                   * dim))
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.adaLN_modulation(c).chunk(6 if self.cross_attn else 3, dim=-1)
+
+    def attend(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...],
+               context: torch.Tensor | None) -> torch.Tensor:
+        """x + gate2 * CrossAttention(modulate(LN(x), shift2, scale2), context), or x."""
+        if self.cross_attn is None:
+            return x
+        h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), mod[3], mod[4])
+        return x + mod[5].unsqueeze(1) * self.cross_attn(h, context)
+
+
+class USMBlock(AdaLNBlock):
+    """One USM block (the authors' release, UPSTREAM.md item 1):
+
+        h = modulate(LayerNorm(x), shift, scale)
+        x = x + gate * (skip_scale * h + SS2D(h))          [+ cross-attention]
+
+    skip_scale is a trained per-channel vector (init ones). With `skip`, a decoder block first
+    concatenates the encoder output on channels and projects 2C -> C, before the norm.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int], path: int, d_state: int = 16,
+                 cross_attn: bool = False, skip: bool = False, gate: bool = True):
+        super().__init__(dim, cross_attn)
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mixer = SS2D(dim, grid, path, d_state, gate=gate)
+        self.skip_scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
                 skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        mod = self.adaLN_modulation(c).chunk(6 if self.cross_attn else 3, dim=-1)
-        x = x + mod[2].unsqueeze(1) * self.mixer(modulate(self.norm(x), mod[0], mod[1]))
-        if self.cross_attn is not None:
-            h = modulate(self.norm(x), mod[3], mod[4])
-            x = x + mod[5].unsqueeze(1) * self.cross_attn(h, context)
-        return x
+        mod = self.modulation(c)
+        h = modulate(self.norm(x), mod[0], mod[1])
+        x = x + mod[2].unsqueeze(1) * (self.skip_scale * h + self.mixer(h))
+        return self.attend(x, mod, context)
+
+
+class ZigmaBlock(AdaLNBlock):
+    """One Zigma layer (CompVis/zigma, UPSTREAM.md "Zigma"): Mamba's residual stream.
+
+        residual = residual + drop_path(x)      (the first layer starts with residual = x)
+        h = RMSNorm(residual)
+        x = h + gate * mixer(modulate(h, shift, scale))     [+ cross-attention on x]
+
+    and returns (x, residual); the residual is kept in float32.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int], path: int, d_state: int = 16,
+                 cross_attn: bool = False, drop_path: float = 0.0):
+        super().__init__(dim, cross_attn)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.mixer = ZigmaMixer(dim, path, grid, d_state)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, c: torch.Tensor,
+                context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = (x if residual is None else residual + self.drop_path(x)).float()
+        h = self.norm(residual)
+        mod = self.modulation(c)
+        x = h + mod[2].unsqueeze(1) * self.mixer(modulate(h, mod[0], mod[1]))
+        return self.attend(x, mod, context), residual
 
 
 class FinalLayer(nn.Module):
-    """adaLN + Linear to patch*patch*out_channels, zero-initialised (output is 0 at init)."""
+    """LayerNorm [+ adaLN modulation] + Linear to patch*patch*out_channels. USM modulates; Zigma's
+    final layer has no adaLN (CompVis)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, adaln: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        for layer in (self.linear, self.adaLN_modulation[-1]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.adaLN_modulation = (nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaln
+                                 else None)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        x = self.norm(x)
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
 
 
 #################################################################################
@@ -261,7 +337,12 @@ class FinalLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    """Patchify, positional embedding, conditioning, final layer and guidance of both models."""
+    """Patchify, positional embedding, conditioning and guidance of both models.
+
+    The positional embedding is learned (starting at zeros, as both releases start it) or the
+    fixed sin-cos table, kept as a buffer in the state dict so that a checkpoint's stored table is
+    the one used (the authors' table is stored in their checkpoints; UPSTREAM.md item 5).
+    """
 
     def __init__(self, input_size: int | Sequence[int], patch_size: int, in_channels: int,
                  hidden_size: int, num_classes: int, context_dim: int | None, learn_sigma: bool,
@@ -279,13 +360,12 @@ class _Backbone(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.grid = (H // patch_size, W // patch_size)
         self.x_embedder = PatchEmbed((H, W), patch_size, in_channels, hidden_size, bias=True)
-        pos = build_sincos2d_pos_embed(list(self.grid), hidden_size).unsqueeze(0)
-        if learn_pos_emb:  # starts from the sin-cos table and is trained
-            self.pos_embed = nn.Parameter(pos)
+        if learn_pos_emb:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1],
+                                                      hidden_size))
         else:
-            self.register_buffer("pos_embed", pos, persistent=False)
+            self.register_buffer("pos_embed", sincos_pos_embed(*self.grid, hidden_size))
         self.cond = Conditioning(hidden_size, num_classes, context_dim)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.input_size or x.shape[1] != self.in_channels:
@@ -294,7 +374,7 @@ class _Backbone(nn.Module):
                 f"{self.input_size[1]}), got {tuple(x.shape)}"
             )
 
-    def _run(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, block: nn.Module, *args: torch.Tensor | None):
         if self.use_checkpoint and self.training:
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -302,6 +382,23 @@ class _Backbone(nn.Module):
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid[0], p=p, q=p)
+
+    @torch.no_grad()
+    def _init_embedders(self) -> None:
+        """What both releases do alike: the patch embedding initialised like a Linear (xavier on
+        the flattened kernel, zero bias), the timestep MLP's weights N(0, 0.02), the class table
+        N(0, 0.02), every adaLN modulation zero."""
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in self.cond.t_embedder.mlp[::2]:
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.cond.y_embedder is not None:
+            nn.init.normal_(self.cond.y_embedder.weight, std=0.02)
+        for name, module in self.named_modules():
+            if name.endswith("adaLN_modulation"):
+                nn.init.zeros_(module[-1].weight)
+                nn.init.zeros_(module[-1].bias)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                          context: torch.Tensor | None = None, cfg_scale: float = 4.0,
@@ -329,14 +426,19 @@ class USM(_Backbone):
     Encoder: `stages[i]` blocks, then a stride-2 Conv2d (tokens / 4). Middle: one block.
     Decoder: up-sampling (ConvTranspose2d, or nearest + 3x3 conv), then `stages[i]` blocks in
     reverse order. Each decoder block takes the most recent unused encoder-block output (LIFO).
-    Block k (0..depth-1 through the whole U) scans along zigzag path k mod 8.
+    Block k (0..depth-1 through the whole U) scans along the authors' zigzag path k mod 8.
+
+    `skip_gate` is the authors' --skip_gate (SS2D without its SiLU(z) gate); as in their code it
+    reaches the encoder and decoder blocks but not the middle block. `use_convtranspose=False`
+    is ours: the authors' alternative (Conv2d + PixelShuffle) crashes in their own forward.
     """
 
     def __init__(self, input_size: int | Sequence[int] = 32, patch_size: int = 1,
                  in_channels: int = 4, hidden_size: int = 768, stages: Sequence[int] = (4, 4, 4),
                  num_classes: int = 0, context_dim: int | None = None, learn_sigma: bool = False,
                  learn_pos_emb: bool = False, skip_conn: bool = True,
-                 use_convtranspose: bool = True, use_checkpoint: bool = False, d_state: int = 16):
+                 use_convtranspose: bool = True, skip_gate: bool = False,
+                 use_checkpoint: bool = False, d_state: int = 16):
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_classes,
                          context_dim, learn_sigma, learn_pos_emb, use_checkpoint,
                          divisor=patch_size * 2 ** len(stages))
@@ -344,17 +446,17 @@ class USM(_Backbone):
         grids = [(self.grid[0] >> i, self.grid[1] >> i) for i in range(len(stages) + 1)]
         k = iter(range(2 * sum(stages) + 1))  # block number through the whole U
 
-        def block(grid: tuple[int, int], skip: bool = False) -> MambaBlock:
-            mixer = SS2D(hidden_size, grid, next(k) % NUM_PATHS, d_state)
-            norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-            return MambaBlock(hidden_size, mixer, norm, context_dim is not None, skip)
+        def block(grid: tuple[int, int], skip: bool = False, gate: bool = not skip_gate
+                  ) -> USMBlock:
+            return USMBlock(hidden_size, grid, next(k) % NUM_PATHS, d_state,
+                            cross_attn=context_dim is not None, skip=skip, gate=gate)
 
         C = hidden_size
         self.enc_blocks = nn.ModuleList(
             nn.ModuleList(block(grids[i]) for _ in range(n)) for i, n in enumerate(stages)
         )
         self.downs = nn.ModuleList(nn.Conv2d(C, C, 2, stride=2) for _ in stages)
-        self.mid_block = block(grids[-1])
+        self.mid_block = block(grids[-1], gate=True)
         self.ups = nn.ModuleList(
             nn.ConvTranspose2d(C, C, 2, stride=2) if use_convtranspose
             else nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
@@ -365,6 +467,25 @@ class USM(_Backbone):
             nn.ModuleList(block(grids[i], skip_conn) for _ in range(n))
             for i, n in reversed(list(enumerate(stages)))
         )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The authors' init (UPSTREAM.md item 4): every Linear xavier-uniform with zero bias,
+        except the SSM's own projections (raw parameters in their code, so Mamba's init stays);
+        then the shared embedder init, and a zero final layer (output 0 at init)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, SelectiveSSM):
+                module.reset_parameters()
+        self._init_embedders()
+        for p in self.final_layer.parameters():
+            nn.init.zeros_(p)
 
     def _resample(self, layer: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = layer(rearrange(x, "b (h w) c -> b c h w", h=grid[0], w=grid[1]))
@@ -391,33 +512,56 @@ class USM(_Backbone):
 
 
 class Zigma(_Backbone):
-    """The Zigma baseline: a flat stack of Mamba layers at full resolution (SPEC "Baseline").
+    """The Zigma baseline as CompVis/zigma builds it (SPEC "Baseline", UPSTREAM.md "Zigma"): a
+    flat stack of Mamba layers at full resolution on Mamba's residual stream, layer i scanning
+    along Zigma's zigzag path i mod 8, a final RMSNorm, and a final layer without adaLN.
 
-    Layer i scans along zigzag path i mod 8; RMSNorm + adaLN modulation; Mamba's causal conv1d.
+    Stochastic depth as in CompVis: layer i drops its input to the residual with probability
+    [0, linspace(0, drop_path, depth)][i], and the final add drops with drop_path.
     """
 
     def __init__(self, input_size: int | Sequence[int] = 32, patch_size: int = 1,
                  in_channels: int = 4, hidden_size: int = 768, depth: int = 24,
                  num_classes: int = 0, context_dim: int | None = None, learn_sigma: bool = False,
-                 learn_pos_emb: bool = True, use_checkpoint: bool = False, d_state: int = 16):
+                 learn_pos_emb: bool = True, use_checkpoint: bool = False, d_state: int = 16,
+                 drop_path: float = 0.1):
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_classes,
                          context_dim, learn_sigma, learn_pos_emb, use_checkpoint,
                          divisor=patch_size)
+        rates = [0.0, *torch.linspace(0, drop_path, depth, device="cpu").tolist()]
         self.blocks = nn.ModuleList(
-            MambaBlock(hidden_size, ZigmaMixer(hidden_size, i % NUM_PATHS, self.grid, d_state),
-                       nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False),
-                       cross_attn=context_dim is not None)
+            ZigmaBlock(hidden_size, self.grid, i % NUM_PATHS, d_state,
+                       cross_attn=context_dim is not None, drop_path=rates[i])
             for i in range(depth)
         )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm_f = nn.RMSNorm(hidden_size, eps=1e-5)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln=False)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """CompVis' init: Linear weights as PyTorch makes them and biases zero (the dt bias
+        apart), each mixer's out_proj kaiming-uniform scaled by 1/sqrt(depth) (GPT-2's rule for
+        residual branches), then the shared embedder init. The final layer is not zeroed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            block.mixer.ssm.reset_parameters()
+            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
+            block.mixer.out_proj.weight /= math.sqrt(len(self.blocks))
+        self._init_embedders()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels, context: (B, L, context_dim)."""
         self._check_input(x)
         c, context = self.cond(t, y, context)
-        x = self.x_embedder(x) + self.pos_embed
+        x, residual = self.x_embedder(x) + self.pos_embed, None
         for blk in self.blocks:
-            x = self._run(blk, x, c, context)
+            x, residual = self._run(blk, x, residual, c, context)
+        x = self.norm_f(residual + self.drop_path(x))
         return self._unpatchify(self.final_layer(x, c))
 
 
