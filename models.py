@@ -572,16 +572,22 @@ class Zigma(_Backbone):
 # 4-4-4; the other sizes keep three stages with the blocks spread as evenly as possible.
 
 
+# Each builder keeps its shape in `.config`: a checkpoint that records only tensors is matched to
+# its registry name by it (loader.py).
+
+
 def _usm(hidden_size: int, stages: tuple[int, ...], patch_size: int):
     def build(**kwargs) -> USM:
         return USM(hidden_size=hidden_size, patch_size=patch_size,
                    stages=kwargs.pop("stages", stages), **kwargs)
+    build.config = dict(hidden_size=hidden_size, stages=stages, patch_size=patch_size)
     return build
 
 
 def _zigma(hidden_size: int, depth: int, patch_size: int):
     def build(**kwargs) -> Zigma:
         return Zigma(hidden_size=hidden_size, depth=depth, patch_size=patch_size, **kwargs)
+    build.config = dict(hidden_size=hidden_size, depth=depth, patch_size=patch_size)
     return build
 
 

@@ -1,0 +1,481 @@
+"""Load any USM or Zigma checkpoint into this repository's models, and convert it to ours.
+
+    from loader import load_model
+    model = load_model("best_0200000.pt")          # eval mode; model(x, t, y=None, context=None)
+
+    python -m loader convert best_0200000.pt usm-afhq.pt
+
+Three layouts are read (UPSTREAM.md item 10 and "Zigma"):
+- ours: a train.py checkpoint folder (meta.json records the model) or a .pt with "model_kwargs";
+- the USM authors' release: their `best_<step>.pt` / `last.pt` ({"model", "ema", "opt", "args"},
+  args an argparse.Namespace) and their accelerate `save_state` folders (model.safetensors = the
+  model, model_1.safetensors = the EMA);
+- CompVis/zigma: `{:07d}.pt` ({"model", "ema", "opt", "args", ...}, args an OmegaConf DictConfig,
+  keys prefixed with `module.` by multi-GPU runs).
+A foreign checkpoint's architecture is read off its tensor shapes (width, stage split or depth,
+patch, channels, grid, classes, text and its context width, learned sigma); its `args` only add
+what shapes cannot show. The load is strict: every tensor is used, except the ones the authors'
+code creates and never calls (`attn.ln_1` in every USM block, the unconditional `y_embedder`).
+All three take t in [0, 1]: the authors' 1..1000 time is our t * 1000 inside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf, base, nodes
+from safetensors.torch import load_file
+from torch import nn
+
+from models import USM, All_models, Zigma, sincos_pos_embed
+
+USM_AUTHORS, ZIGMA_COMPVIS, OURS = "usm-authors", "zigma-compvis", "ours"
+# The USM release queried its model at t = 1 + 999 i / N on its 1..1000 scale (UPSTREAM.md item 6):
+# in our [0, 1] time, t_min + (1 - t_min) * i / N with this t_min.
+AUTHORS_T_MIN = 1e-3
+# Classes a checkpoint's pickle may hold besides tensors: DiT-style argparse args, and the
+# Hydra/OmegaConf config CompVis stores (read without running any other pickled code).
+_SAFE_GLOBALS = [argparse.Namespace, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata,
+                 nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode,
+                 nodes.BooleanNode, nodes.BytesNode, nodes.PathNode, nodes.EnumNode, typing.Any,
+                 collections.defaultdict, dict, list, int, float, str, bool]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as any model we know, with what did not match."""
+
+
+#################################################################################
+#                                Reading files                                   #
+#################################################################################
+
+
+def torch_load(path: str | os.PathLike, **kwargs) -> dict:
+    """torch.load of a checkpoint pickle, allowing only tensors and the args classes above."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as err:  # pickle, zip and format errors all mean "not a checkpoint we read"
+        raise CheckpointError(f"{path} is not a checkpoint this repository can read: {err}"
+                              ) from err
+
+
+def _plain(args: object) -> dict:
+    """A checkpoint's args as a plain dict: argparse.Namespace, OmegaConf config or dict."""
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, DictConfig):
+        return OmegaConf.to_container(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DDP checkpoints prefix every key with `module.`."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def layout_of(state: dict[str, torch.Tensor]) -> str:
+    """Which model code wrote this state dict, from its key names."""
+    if any(".attn.self_attention." in k for k in state):
+        return USM_AUTHORS
+    if "norm_f.weight" in state and any(".mixer.dt_proj.weight" in k for k in state):
+        return ZIGMA_COMPVIS
+    return OURS
+
+
+#################################################################################
+#                        The USM authors' release -> ours                        #
+#################################################################################
+
+_USM_BLOCK_KEYS = {  # the authors' names inside a block -> ours
+    "attn.self_attention.in_proj.weight": "mixer.in_proj.weight",
+    "attn.self_attention.conv2d.weight": "mixer.conv2d.weight",
+    "attn.self_attention.conv2d.bias": "mixer.conv2d.bias",
+    "attn.self_attention.x_proj_weight": "mixer.ssm.x_proj.weight",  # [1, R + 2N, Di]
+    "attn.self_attention.dt_projs_weight": "mixer.ssm.dt_proj.weight",  # [1, Di, R]
+    "attn.self_attention.dt_projs_bias": "mixer.ssm.dt_proj.bias",  # [1, Di]
+    "attn.self_attention.A_logs": "mixer.ssm.A_log",
+    "attn.self_attention.Ds": "mixer.ssm.D",
+    "attn.self_attention.out_norm.weight": "mixer.out_norm.weight",
+    "attn.self_attention.out_norm.bias": "mixer.out_norm.bias",
+    "attn.self_attention.out_proj.weight": "mixer.out_proj.weight",
+    "attn.skip_scale": "skip_scale",
+    "adaLN_modulation.1.weight": "adaLN_modulation.1.weight",
+    "adaLN_modulation.1.bias": "adaLN_modulation.1.bias",
+    "skip.weight": "skip_linear.weight",
+    "skip.bias": "skip_linear.bias",
+    "mca.to_q.weight": "cross_attn.to_q.weight",
+    "mca.to_out.0.weight": "cross_attn.to_out.weight",
+    "mca.to_out.0.bias": "cross_attn.to_out.bias",
+}
+_USM_UNUSED = re.compile(r".*\.attn\.ln_1\.(weight|bias)")  # created, never called
+
+
+def _indices(state: dict, prefix: str) -> list[int]:
+    return sorted({int(m[1]) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+
+
+def _usm_stages(state: dict) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
+    """The authors' flat enc_blocks / dec_blocks lists as (sampler index, block indices) per
+    stage: the encoder is blocks then a Conv2d per stage, the decoder an up-sampler then blocks."""
+    encoder, blocks = [], []
+    for i in _indices(state, "enc_blocks"):
+        if f"enc_blocks.{i}.weight" in state:  # a Conv2d down-sampler ends the stage
+            encoder.append((i, blocks))
+            blocks = []
+        else:
+            blocks.append(i)
+    if blocks or not encoder:
+        raise CheckpointError(f"USM encoder with {len(blocks)} block(s) after its last "
+                              "down-sampler: not a U our USM can build")
+    decoder = []
+    for i in _indices(state, "dec_blocks"):
+        if f"dec_blocks.{i}.0.weight" in state:
+            raise CheckpointError("USM with the authors' Conv2d + PixelShuffle up-sampler (no "
+                                  "--use_convtranspose): their own forward cannot run it")
+        if f"dec_blocks.{i}.weight" in state:  # a ConvTranspose2d up-sampler starts the stage
+            decoder.append((i, []))
+        elif decoder:
+            decoder[-1][1].append(i)
+    return encoder, decoder
+
+
+def _class_table(table: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Our class table has num_classes + 1 rows (the last is the null class of guidance). A table
+    trained without label dropout has no null row: a zero row is added (guidance then has no
+    trained unconditional branch)."""
+    if table.shape[0] == num_classes:
+        return torch.cat([table, table.new_zeros(1, table.shape[1])])
+    if table.shape[0] != num_classes + 1:
+        raise CheckpointError(f"class table of {table.shape[0]} rows for {num_classes} classes")
+    return table
+
+
+def _top_level(state: dict, take, args: dict, C: int) -> tuple[dict, dict]:
+    """Embedders, conditioning and positional table (the same names in both releases)."""
+    kwargs: dict = {}
+    out = {f"x_embedder.proj.{p}": take(f"x_embedder.proj.{p}") for p in ("weight", "bias")}
+    for i in (0, 2):
+        for p in ("weight", "bias"):
+            out[f"cond.t_embedder.mlp.{i}.{p}"] = take(f"t_embedder.mlp.{i}.{p}")
+    _, in_channels, patch, _ = out["x_embedder.proj.weight"].shape
+    kwargs.update(in_channels=in_channels, patch_size=patch, hidden_size=C)
+    if "y_embedder.embedding_table.weight" in state:
+        table = take("y_embedder.embedding_table.weight")
+        num_classes = int(args.get("num_classes") or table.shape[0] - 1)
+        out["cond.y_embedder.weight"] = _class_table(table, num_classes)
+        kwargs["num_classes"] = num_classes
+    return out, kwargs
+
+
+def _grid_side(tokens: int, what: str) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise CheckpointError(f"{what}: {tokens} tokens is not a square grid")
+    return side
+
+
+def _positional(state: dict, take, args_learned: bool | None, grid: int, C: int
+                ) -> tuple[torch.Tensor, bool]:
+    """(table, learned). Stored fixed tables are used as stored; when args do not say whether the
+    table was learned, a table equal to the sin-cos one is taken as fixed."""
+    if "pos_embed" not in state:  # CompVis use_pe 0: no positional embedding
+        return torch.zeros(1, grid * grid, C), False
+    table = take("pos_embed")
+    if args_learned is None:
+        args_learned = not torch.allclose(table.float(), sincos_pos_embed(grid, grid, C),
+                                          atol=1e-5)
+    return table, args_learned
+
+
+def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
+    """(model name, constructor kwargs, our state dict) of an authors' USM state dict."""
+    consumed: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        consumed.add(key)
+        return state[key]
+
+    C = state["x_embedder.proj.weight"].shape[0]
+    out, kwargs = _top_level(state, take, args, C)
+    encoder, decoder = _usm_stages(state)
+    stages = [len(blocks) for _, blocks in encoder]
+    if [len(blocks) for _, blocks in decoder] != stages[::-1]:
+        raise CheckpointError(f"USM decoder stages {[len(b) for _, b in decoder]} do not mirror "
+                              f"the encoder's {stages}")
+
+    def block(src: str, dst: str) -> None:
+        for key in [k for k in state if k.startswith(src + ".")]:
+            name = key[len(src) + 1:]
+            if _USM_UNUSED.fullmatch(key):
+                consumed.add(key)
+            elif name in _USM_BLOCK_KEYS:
+                value = take(key)
+                out[f"{dst}.{_USM_BLOCK_KEYS[name]}"] = value[0] if name in (
+                    "attn.self_attention.x_proj_weight", "attn.self_attention.dt_projs_weight",
+                    "attn.self_attention.dt_projs_bias") else value
+        if f"{src}.mca.to_k.weight" in state:  # our fused to_kv: k rows, then v rows
+            out[f"{dst}.cross_attn.to_kv.weight"] = torch.cat(
+                [take(f"{src}.mca.to_k.weight"), take(f"{src}.mca.to_v.weight")])
+
+    def sampler(src: str, dst: str) -> None:
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = take(f"{src}.{p}")
+
+    for s, (down, blocks) in enumerate(encoder):
+        for j, i in enumerate(blocks):
+            block(f"enc_blocks.{i}", f"enc_blocks.{s}.{j}")
+        sampler(f"enc_blocks.{down}", f"downs.{s}")
+    block("middle_block", "mid_block")
+    for s, (up, blocks) in enumerate(decoder):
+        sampler(f"dec_blocks.{up}", f"ups.{s}")
+        for j, i in enumerate(blocks):
+            block(f"dec_blocks.{i}", f"dec_blocks.{s}.{j}")
+    for p in ("linear.weight", "linear.bias", "adaLN_modulation.1.weight",
+              "adaLN_modulation.1.bias"):
+        out[f"final_layer.{p}"] = take(f"final_layer.{p}")
+
+    first = "enc_blocks.0.attn.self_attention"
+    d_inner = state[f"{first}.conv2d.weight"].shape[0]
+    text = f"{first.removesuffix('.attn.self_attention')}.mca.to_q.weight" in state
+    if text:
+        out["cond.context_proj.weight"] = take("y_embedder.weight")
+        out["cond.context_proj.bias"] = take("y_embedder.bias")
+        kwargs["context_dim"] = out["cond.context_proj.weight"].shape[1]
+    elif "y_embedder.weight" in state:  # the unconditional model's unused Linear
+        consumed.update({"y_embedder.weight", "y_embedder.bias"})
+    grid = _grid_side(state["pos_embed"].shape[1], "USM positional embedding")
+    out["pos_embed"], learned = _positional(state, take, args.get("learn_pos_emb"), grid, C)
+    out_channels = out["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
+    kwargs.update(
+        input_size=grid * kwargs["patch_size"], stages=tuple(stages), learn_pos_emb=learned,
+        learn_sigma=out_channels == 2 * kwargs["in_channels"],
+        skip_conn=any(".skip.weight" in k for k in state),
+        skip_gate=state[f"{first}.in_proj.weight"].shape[0] == d_inner,
+        use_convtranspose=True, d_state=state[f"{first}.A_logs"].shape[-1],
+    )
+    _check_consumed(state, consumed, USM_AUTHORS)
+    return _registry_name(USM, kwargs), kwargs, out
+
+
+#################################################################################
+#                           CompVis' Zigma -> ours                               #
+#################################################################################
+
+_ZIGMA_BLOCK_KEYS = {
+    "mixer.in_proj.weight": "mixer.in_proj.weight",
+    "mixer.conv1d.weight": "mixer.conv1d.weight",
+    "mixer.conv1d.bias": "mixer.conv1d.bias",
+    "mixer.x_proj.weight": "mixer.ssm.x_proj.weight",
+    "mixer.dt_proj.weight": "mixer.ssm.dt_proj.weight",
+    "mixer.dt_proj.bias": "mixer.ssm.dt_proj.bias",
+    "mixer.A_log": "mixer.ssm.A_log",
+    "mixer.D": "mixer.ssm.D",
+    "mixer.out_proj.weight": "mixer.out_proj.weight",
+    "norm.weight": "norm.weight",
+    "adaLN_modulation.1.weight": "adaLN_modulation.1.weight",
+    "adaLN_modulation.1.bias": "adaLN_modulation.1.bias",
+    "msa.to_q.weight": "cross_attn.to_q.weight",
+    "msa.to_out.0.weight": "cross_attn.to_out.weight",
+    "msa.to_out.0.bias": "cross_attn.to_out.bias",
+}
+
+
+def _from_zigma_compvis(state: dict, args: dict) -> tuple[str, dict, dict]:
+    """(model name, constructor kwargs, our state dict) of a CompVis ZigMa state dict."""
+    params = args.get("model", {}).get("params", {}) if isinstance(args.get("model"), dict) else {}
+    scan = params.get("scan_type", "zigzagN8")
+    if scan != "zigzagN8":
+        raise CheckpointError(f"Zigma scan_type {scan!r}: only zigzagN8 (8 zigzag paths, one per "
+                              "layer) is built here")
+    consumed: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        consumed.add(key)
+        return state[key]
+
+    C = state["x_embedder.proj.weight"].shape[0]
+    out, kwargs = _top_level(state, take, args, C)
+    depth = len(_indices(state, "blocks"))
+    for i in range(depth):
+        for name, ours in _ZIGMA_BLOCK_KEYS.items():
+            if f"blocks.{i}.{name}" in state:
+                out[f"blocks.{i}.{ours}"] = take(f"blocks.{i}.{name}")
+        if f"blocks.{i}.msa.to_k.weight" in state:
+            out[f"blocks.{i}.cross_attn.to_kv.weight"] = torch.cat(
+                [take(f"blocks.{i}.msa.to_k.weight"), take(f"blocks.{i}.msa.to_v.weight")])
+    out["norm_f.weight"] = take("norm_f.weight")
+    out["final_layer.linear.weight"] = take("final_layer.linear.weight")
+    out["final_layer.linear.bias"] = take("final_layer.linear.bias")
+    if "blocks.0.msa.to_q.weight" in state:
+        out["cond.context_proj.weight"] = take("y_embedder.weight")
+        out["cond.context_proj.bias"] = take("y_embedder.bias")
+        kwargs["context_dim"] = out["cond.context_proj.weight"].shape[1]
+    img_dim = params.get("img_dim")
+    grid = (_grid_side(state["pos_embed"].shape[1], "Zigma positional embedding")
+            if "pos_embed" in state else img_dim // kwargs["patch_size"] if img_dim else None)
+    if grid is None:
+        raise CheckpointError("Zigma checkpoint without a positional embedding nor "
+                              "args.model.params.img_dim: its token grid cannot be known")
+    use_pe = params.get("use_pe")
+    out["pos_embed"], learned = _positional(state, take, None if use_pe is None else use_pe == 2,
+                                            grid, C)
+    out_channels = out["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
+    kwargs.update(input_size=grid * kwargs["patch_size"], depth=depth, learn_pos_emb=learned,
+                  learn_sigma=out_channels == 2 * kwargs["in_channels"],
+                  d_state=state["blocks.0.mixer.A_log"].shape[-1])
+    _check_consumed(state, consumed, ZIGMA_COMPVIS)
+    return _registry_name(Zigma, kwargs), kwargs, out
+
+
+#################################################################################
+#                                 Shared                                         #
+#################################################################################
+
+
+def _check_consumed(state: dict, consumed: set[str], layout: str) -> None:
+    left = sorted(state.keys() - consumed)
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        raise CheckpointError(f"{layout} checkpoint has tensors no part of our model takes: "
+                              f"{shown}")
+
+
+def _registry_name(cls: type, kwargs: dict) -> str:
+    """The registry entry that builds this architecture (its width, patch and stages / depth;
+    the name then implies them), else the class name: sizes outside the registry still load."""
+    for name, build in All_models.items():
+        config = build.config
+        if name.startswith(cls.__name__ + "-") and all(kwargs[k] == v for k, v in config.items()):
+            for k in config:
+                kwargs.pop(k)
+            return name
+    return cls.__name__
+
+
+def build_model(name: str, model_kwargs: dict) -> nn.Module:
+    """A registry entry (USM-B/1, ...) or, for off-registry sizes, the class with full kwargs."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+    if name in All_models:
+        return All_models[name](**kwargs)
+    if name in ("USM", "Zigma"):
+        return {"USM": USM, "Zigma": Zigma}[name](**kwargs)
+    raise CheckpointError(f"unknown model {name!r}; known: {', '.join(All_models)}")
+
+
+def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict, dict]:
+    """(meta, state dict) of any checkpoint we read, in our format: meta as train.py's meta.json
+    ({"model", "model_kwargs", "args", ...} plus "source": ours / usm-authors / zigma-compvis),
+    the state dict with our names. weights="ema" takes the EMA when there is one."""
+    from download import EMA_FILE, MODEL_FILE, find_model  # download imports this module
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {path} not found: give a .pt file or a checkpoint "
+                                "folder, e.g. results/000-USM-B-1/checkpoints/step-0010000")
+    if path.is_dir():
+        meta_file = path / "meta.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            return {**meta, "source": OURS}, find_model(path, weights)
+        # The authors' accelerate save_state: the EMA is the second prepared model.
+        ema_file = path / "model_1.safetensors"
+        file = ema_file if weights == "ema" and ema_file.exists() else path / MODEL_FILE
+        if not file.exists() or (path / EMA_FILE).exists():
+            raise CheckpointError(f"{path} is a folder without meta.json nor the authors' "
+                                  f"{MODEL_FILE}: not a checkpoint we read")
+        raw, args = {weights: load_file(file)}, {}
+    elif path.suffix == ".safetensors":
+        raw, args = {weights: load_file(path)}, {}
+    else:
+        raw = torch_load(path)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint")
+        args = _plain(raw.get("args"))
+    keys = ("ema", "model") if weights == "ema" else ("model",)
+    state = next((raw[k] for k in keys if isinstance(raw.get(k), dict)), None)
+    if state is None:
+        if weights == "model" and isinstance(raw.get("ema"), dict):
+            raise KeyError(f"{path} has no 'model' weights, only 'ema'")
+        state = raw  # a bare state dict
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    state = _strip_module(state)
+    layout = layout_of(state)
+    if layout == OURS:
+        meta = {key: raw[key] for key in ("step", "model_kwargs") if key in raw}
+        meta["args"] = args
+        if "model" in args:
+            meta["model"] = args["model"]
+        return {**meta, "source": OURS}, state
+    convert = _from_usm_authors if layout == USM_AUTHORS else _from_zigma_compvis
+    name, kwargs, state = convert(state, args)
+    vae = args.get("vae") or "ema"
+    meta_args = {"model": name, "vae": vae, "objective": "rf", "num_classes": kwargs.get(
+        "num_classes", 0), "image_size": kwargs["input_size"] * 8, "learn_pos_emb":
+        kwargs["learn_pos_emb"], **{k: kwargs[k] for k in ("skip_conn", "use_convtranspose",
+                                                          "stages", "skip_gate") if k in kwargs}}
+    return {"model": name, "model_kwargs": kwargs, "args": meta_args, "source": layout,
+            "step": raw.get("train_steps")}, state
+
+
+def load_model(path: str | os.PathLike, weights: str = "ema") -> nn.Module:
+    """The model of any checkpoint we read (ours, the USM authors', CompVis' Zigma), strictly
+    loaded, in eval mode, without gradients: call it as model(x, t, y=None, context=None) with t
+    in [0, 1]."""
+    meta, state = load_checkpoint(path, weights)
+    if "model_kwargs" not in meta or "model" not in meta:
+        raise CheckpointError(f"{path} does not record its model (no model_kwargs); load its "
+                              "state dict into a model you build: download.find_model")
+    model = build_model(meta["model"], {**meta["model_kwargs"], "use_checkpoint": False})
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write any checkpoint we read as one of ours: a .pt with "model" and "ema" (what the source
+    has), "model_kwargs" and "args" (sample.py --ckpt reads it)."""
+    meta, ema = load_checkpoint(src, "ema")
+    try:
+        _, model = load_checkpoint(src, "model")
+    except KeyError:
+        model = ema
+    dst = Path(dst)
+    record = {"model": model, "ema": ema, "model_kwargs": meta["model_kwargs"],
+              "args": {**meta.get("args", {}), "model": meta["model"]},
+              "source": meta["source"]}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Convert a USM / Zigma checkpoint (ours, the USM "
+                                "authors', CompVis') into one of ours.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="write <src> as our .pt checkpoint <dst>")
+    c.add_argument("src")
+    c.add_argument("dst")
+    args = p.parse_args(argv)
+    try:
+        dst = convert(args.src, args.dst)
+    except (CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"loader.py: error: {err}")
+    meta, _ = load_checkpoint(dst)
+    print(f"Wrote {dst}: {meta['model']} {meta['model_kwargs']}")
+
+
+if __name__ == "__main__":
+    main()
