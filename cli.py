@@ -52,3 +52,67 @@ def int_list(minimum: int, example: str) -> Callable[[str], tuple[int, ...]]:
 
 
 stage_list = int_list(1, "block counts such as 4,4,4")  # USM's encoder blocks per stage
+
+
+#################################################################################
+#                Options train.py and sample.py share (defined once)             #
+#################################################################################
+
+# What describes a model and its encoders, with train.py's defaults. sample.py takes the same
+# options with no default, meaning "as the checkpoint records", and checks the ones given.
+MODEL_DEFAULTS = dict(model="USM-B/1", image_size=256, num_classes=0, channels=None, vae="ema",
+                      text_encoder="openai/clip-vit-large-patch14", learn_pos_emb=False,
+                      skip_conn=True, use_convtranspose=True, skip_gate=False, stages=None,
+                      objective="rf")
+ENCODER_OPTIONS = ("vae", "text_encoder")  # may be swapped at sampling (e.g. the ema / mse VAEs)
+
+
+def add_model_options(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    """The model and encoder options, with MODEL_DEFAULTS or (from_checkpoint) None."""
+    from models import All_models  # models imports torch: only the scripts that build one pay
+
+    default = dict.fromkeys(MODEL_DEFAULTS) if from_checkpoint else MODEL_DEFAULTS
+    add_option(parser, "model", choices=list(All_models), default=default["model"],
+               metavar="MODEL", help=f"one of: {', '.join(All_models)}")
+    add_option(parser, "image-size", type=positive_int, default=default["image_size"])
+    add_option(parser, "num-classes", type=int, default=default["num_classes"],
+               help="class-conditional when > 0 (the class folders' count); 0 = unconditional")
+    add_option(parser, "channels", type=int, choices=[1, 3],
+               help="pixel space only: 1 = grayscale, 3 = RGB (default: as the data)")
+    add_option(parser, "vae", default=default["vae"],
+               help="ema | mse (Stable Diffusion VAEs) | an AutoencoderKL folder | none (pixels)")
+    add_option(parser, "text-encoder", default=default["text_encoder"],
+               help="CLIP text model (hub id or folder) for COCO captions")
+    add_option(parser, "learn-pos-emb", action="store_true", default=default["learn_pos_emb"],
+               help="learnable positional embedding (starts at zeros); else the fixed sin-cos")
+    add_switch(parser, "skip-conn", "no-skip-conn", "USM skip connections (default on)",
+               default=default["skip_conn"])
+    add_switch(parser, "use-convtranspose", "no-convtranspose",
+               "USM up-sampling by ConvTranspose2d (default on; off: nearest + 3x3 conv, ours: "
+               "the authors' PixelShuffle alternative crashes in their code)",
+               default=default["use_convtranspose"])
+    add_option(parser, "skip-gate", action="store_true", default=default["skip_gate"],
+               help="USM blocks without SS2D's SiLU(z) gate (the authors' --skip_gate)")
+    add_option(parser, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
+    add_option(parser, "objective", choices=["rf", "gaussian"], default=default["objective"],
+               help="rf: rectified flow (the paper's); gaussian: DiT's diffusion, learned sigma")
+
+
+class _Ignored(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.ignored = [*namespace.ignored, option_string]
+
+
+def add_ignored(parser: argparse.ArgumentParser, name: str, takes_value: bool = True) -> None:
+    """Accept a flag the authors' script accepted without using it; args.ignored lists the ones
+    given, for the script to say so in one log line."""
+    add_option(parser, name, action=_Ignored, nargs=None if takes_value else 0, dest="ignored",
+               default=[], help=argparse.SUPPRESS)
+
+
+def ignored_note(args: argparse.Namespace) -> str | None:
+    """The log line for flags accepted and ignored, or None."""
+    if not args.ignored:
+        return None
+    return (f"Ignoring {', '.join(dict.fromkeys(args.ignored))}: accepted for the authors' "
+            "command lines, where it had no effect either")

@@ -13,7 +13,6 @@ download never leaves a file that looks complete.
 import argparse
 import gzip
 import hashlib
-import json
 import math
 import os
 import struct
@@ -26,81 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm import tqdm
+
+from loader import load_checkpoint
 
 #################################################################################
 #                                  Checkpoints                                  #
 #################################################################################
 
-# Names that train.py's accelerator.save_state writes (README "Checkpoints"): the EMA module is
-# the first object registered for checkpointing, saved by accelerate as custom_checkpoint_0.pkl.
-EMA_FILE = "custom_checkpoint_0.pkl"
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
-
-
-def _torch_load(path: Path, **kwargs) -> dict:
-    # DiT-style .pt files store args as an argparse.Namespace: allow that class, no other pickle.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-
-
-def _existing(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Checkpoint {path} not found: give a .pt file or a checkpoint folder written by "
-            "train.py, e.g. results/000-USM-B-1/checkpoints/step-0010000"
-        )
-    return path
-
-
 def find_model(name_or_path: str | os.PathLike, weights: str = "ema") -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint: its EMA weights when it has them (weights="ema", falling
-    back to the raw model), or the raw model's (weights="model").
+    """The state dict of a checkpoint, with our parameter names: its EMA weights when it has
+    them (weights="ema", falling back to the raw model), or the raw model's (weights="model").
 
-    Accepts a checkpoint folder written by train.py (custom_checkpoint_0.pkl = EMA,
-    model.safetensors = model) or a .pt file (a dict with "ema" and/or "model", or a bare state
-    dict). We publish no pretrained USM weights, so unlike DiT's find_model there are no names to
-    download.
+    Reads every checkpoint loader.py reads: train.py's folders, .pt files (DiT-style dicts or a
+    bare state dict), the USM authors' .pt and save_state folders, CompVis' Zigma .pt. We publish
+    no pretrained USM weights, so unlike DiT's find_model there are no names to download.
     """
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    path = _existing(name_or_path)
-    if path.is_dir():
-        if weights == "ema" and (path / EMA_FILE).exists():
-            return _torch_load(path / EMA_FILE)
-        if (path / MODEL_FILE).exists():
-            return load_file(path / MODEL_FILE)
-        raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
-            f" nor {EMA_FILE} (EMA)" if weights == "ema" else ""))
-    checkpoint = _torch_load(path)
-    for key in ("ema", "model") if weights == "ema" else ("model",):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if weights == "model" and "ema" in checkpoint:
-        raise KeyError(f"{path} has no 'model' weights, only 'ema'")
-    return checkpoint
-
-
-def load_checkpoint_meta(path: str | os.PathLike) -> dict | None:
-    """What a checkpoint says about how it was made, or None when it says nothing.
-
-    A folder's meta.json ({"model", "step", "args", "model_kwargs"}), or the same keys taken from a
-    .pt file ("model" from args["model"] as DiT's checkpoints store it).
-    """
-    path = _existing(path)
-    if path.is_dir():
-        meta_file = path / META_FILE
-        return json.loads(meta_file.read_text()) if meta_file.exists() else None
-    checkpoint = _torch_load(path, mmap=True)  # mmap: the weights are not read into memory
-    meta = {key: checkpoint[key] for key in ("step", "args", "model_kwargs") if key in checkpoint}
-    if isinstance(meta.get("args"), argparse.Namespace):
-        meta["args"] = vars(meta["args"])
-    if "model" in meta.get("args", {}):
-        meta["model"] = meta["args"]["model"]
-    return meta or None
+    return load_checkpoint(name_or_path, weights)[1]
 
 
 #################################################################################

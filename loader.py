@@ -372,12 +372,49 @@ def build_model(name: str, model_kwargs: dict) -> nn.Module:
     raise CheckpointError(f"unknown model {name!r}; known: {', '.join(All_models)}")
 
 
+# What train.py's checkpoint folders hold (accelerate's save_state names; README "Checkpoints"):
+# the EMA is the first object registered for checkpointing. The authors' save_state folders
+# prepare the EMA as a second model instead.
+MODEL_FILE, EMA_FILE, META_FILE = "model.safetensors", "custom_checkpoint_0.pkl", "meta.json"
+AUTHORS_EMA_FILE = "model_1.safetensors"
+
+
+def _read_folder(path: Path, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of a save_state folder: the EMA (ours, else the authors') when asked and
+    there, else the model."""
+    if weights == "ema":
+        if (path / EMA_FILE).exists():
+            return torch_load(path / EMA_FILE)
+        if (path / AUTHORS_EMA_FILE).exists():
+            return load_file(path / AUTHORS_EMA_FILE)
+    if (path / MODEL_FILE).exists():
+        return load_file(path / MODEL_FILE)
+    raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
+        f" nor {EMA_FILE} / {AUTHORS_EMA_FILE} (EMA)" if weights == "ema" else ""))
+
+
+def _read_file(path: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(what the file records besides weights, the chosen state dict) of a .pt file:
+    {"ema", "model", "opt", "args", ...} or a bare state dict."""
+    raw = torch_load(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint")
+    keys = ("ema", "model") if weights == "ema" else ("model",)
+    state = next((raw[k] for k in keys if isinstance(raw.get(k), dict)), None)
+    if state is None:
+        if weights == "model" and isinstance(raw.get("ema"), dict):
+            raise KeyError(f"{path} has no 'model' weights, only 'ema'")
+        state, raw = raw, {}  # a bare state dict
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k: v for k, v in raw.items() if k not in ("model", "ema", "opt")}, state
+
+
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict, dict]:
     """(meta, state dict) of any checkpoint we read, in our format: meta as train.py's meta.json
-    ({"model", "model_kwargs", "args", ...} plus "source": ours / usm-authors / zigma-compvis),
-    the state dict with our names. weights="ema" takes the EMA when there is one."""
-    from download import EMA_FILE, MODEL_FILE, find_model  # download imports this module
-
+    ({"model", "model_kwargs", "args", "step"}, what the checkpoint records) plus "source" (ours,
+    usm-authors or zigma-compvis); the state dict with our names. weights="ema" takes the EMA
+    when there is one, else the model."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = Path(path)
@@ -385,47 +422,28 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
         raise FileNotFoundError(f"Checkpoint {path} not found: give a .pt file or a checkpoint "
                                 "folder, e.g. results/000-USM-B-1/checkpoints/step-0010000")
     if path.is_dir():
-        meta_file = path / "meta.json"
-        if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            return {**meta, "source": OURS}, find_model(path, weights)
-        # The authors' accelerate save_state: the EMA is the second prepared model.
-        ema_file = path / "model_1.safetensors"
-        file = ema_file if weights == "ema" and ema_file.exists() else path / MODEL_FILE
-        if not file.exists() or (path / EMA_FILE).exists():
-            raise CheckpointError(f"{path} is a folder without meta.json nor the authors' "
-                                  f"{MODEL_FILE}: not a checkpoint we read")
-        raw, args = {weights: load_file(file)}, {}
-    elif path.suffix == ".safetensors":
-        raw, args = {weights: load_file(path)}, {}
+        meta_file = path / META_FILE
+        raw = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        state = _read_folder(path, weights)
     else:
-        raw = torch_load(path)
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint")
-        args = _plain(raw.get("args"))
-    keys = ("ema", "model") if weights == "ema" else ("model",)
-    state = next((raw[k] for k in keys if isinstance(raw.get(k), dict)), None)
-    if state is None:
-        if weights == "model" and isinstance(raw.get("ema"), dict):
-            raise KeyError(f"{path} has no 'model' weights, only 'ema'")
-        state = raw  # a bare state dict
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raw, state = _read_file(path, weights)
     state = _strip_module(state)
+    args = _plain(raw.get("args"))
     layout = layout_of(state)
     if layout == OURS:
-        meta = {key: raw[key] for key in ("step", "model_kwargs") if key in raw}
-        meta["args"] = args
-        if "model" in args:
+        meta = {key: raw[key] for key in ("model", "step", "args", "model_kwargs") if key in raw}
+        if "model" not in meta and "model" in args:  # DiT-style .pt files name it in args
             meta["model"] = args["model"]
+        if isinstance(meta.get("args"), argparse.Namespace):
+            meta["args"] = args
         return {**meta, "source": OURS}, state
     convert = _from_usm_authors if layout == USM_AUTHORS else _from_zigma_compvis
     name, kwargs, state = convert(state, args)
-    vae = args.get("vae") or "ema"
-    meta_args = {"model": name, "vae": vae, "objective": "rf", "num_classes": kwargs.get(
-        "num_classes", 0), "image_size": kwargs["input_size"] * 8, "learn_pos_emb":
-        kwargs["learn_pos_emb"], **{k: kwargs[k] for k in ("skip_conn", "use_convtranspose",
-                                                          "stages", "skip_gate") if k in kwargs}}
+    meta_args = {"model": name, "vae": args.get("vae") or "ema", "objective": "rf",
+                 "num_classes": kwargs.get("num_classes", 0),
+                 "image_size": kwargs["input_size"] * 8, "learn_pos_emb": kwargs["learn_pos_emb"],
+                 **{k: kwargs[k] for k in ("skip_conn", "use_convtranspose", "stages", "skip_gate")
+                    if k in kwargs}}
     return {"model": name, "model_kwargs": kwargs, "args": meta_args, "source": layout,
             "step": raw.get("train_steps")}, state
 

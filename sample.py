@@ -37,20 +37,27 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from cli import add_option, add_switch, fail, int_list, positive_int, stage_list
+from cli import (
+    ENCODER_OPTIONS,
+    MODEL_DEFAULTS,
+    add_ignored,
+    add_model_options,
+    add_option,
+    fail,
+    ignored_note,
+    int_list,
+    positive_int,
+)
 from diffusion import RectifiedFlow, create_diffusion
-from download import find_model, load_checkpoint_meta, save_png
+from download import save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
-from models import All_models
-from sampling import SAMPLE_STEPS, ImageSampler, build_model, step_checkpoints, to_uint8
-from train import parse_args as parse_train_args
+from loader import AUTHORS_T_MIN, USM_AUTHORS, CheckpointError, build_model, load_checkpoint
+from sampling import SAMPLE_STEPS, ImageSampler, step_checkpoints, to_uint8
+from sampling import build_model as build_model_from_options
 
-# Options that describe the model. They default to what the checkpoint records; for a checkpoint
-# that records nothing (a bare state dict) to train.py's own defaults, read from its parser.
-MODEL_OPTIONS = ("model", "num_classes", "image_size", "channels", "learn_pos_emb", "skip_conn",
-                 "use_convtranspose", "stages", "objective")  # vae, text encoder: may be swapped
-TRAIN_DEFAULTS = {name: value for name, value in vars(parse_train_args(["--data-path", ""])).items()
-                  if name in (*MODEL_OPTIONS, "vae", "text_encoder")}
+# Options that describe the model (cli.py, shared with train.py). They default to what the
+# checkpoint records; for a checkpoint that records nothing (a bare state dict) to train.py's.
+MODEL_OPTIONS = tuple(name for name in MODEL_DEFAULTS if name not in ENCODER_OPTIONS)
 DDPM_STEPS = "250"  # DiT's FID protocol for Gaussian diffusion
 
 
@@ -67,22 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(its latest checkpoint) or .pt file")
     add_option(p, "weights", choices=["ema", "model"], default="ema",
                help="ema: the EMA weights (a checkpoint without them gives its model weights)")
-    # The model: default from the checkpoint; given, checked against it.
-    add_option(p, "model", choices=list(All_models), metavar="MODEL",
-               help=f"one of: {', '.join(All_models)}")
-    add_option(p, "num-classes", type=int)
-    add_option(p, "image-size", type=positive_int)
-    add_option(p, "channels", type=int, choices=[1, 3], help="pixel space: 1 = grayscale, 3 = RGB")
-    add_option(p, "learn-pos-emb", action="store_true", default=None,
-               help="learnable positional embedding")
-    add_switch(p, "skip-conn", "no-skip-conn", "USM skip connections", default=None)
-    add_switch(p, "use-convtranspose", "no-convtranspose", "USM ConvTranspose2d up-sampling",
-               default=None)
-    add_option(p, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
-    add_option(p, "objective", choices=["rf", "gaussian"])
-    # Encoders: default from the checkpoint; may be swapped (e.g. the ema and mse SD VAEs).
-    add_option(p, "vae", help="ema | mse | an AutoencoderKL folder | none (pixel space)")
-    add_option(p, "text-encoder", help="CLIP text model (hub id or folder)")
+    # The model and its encoders: default from the checkpoint; given, checked against it (the
+    # encoders may be swapped, e.g. the ema and mse SD VAEs).
+    add_model_options(p, from_checkpoint=True)
+    add_option(p, "has-text", action="store_true",
+               help="the authors' flag: the checkpoint must be text-conditional (--captions)")
+    # The authors' sample.py accepted these and used none of them.
+    for name in ("results-dir", "experiment-dir", "epochs", "num-workers"):
+        add_ignored(p, name)
+    add_ignored(p, "use-ckpt", takes_value=False)  # gradient checkpointing: training only
     # What to sample
     add_option(p, "num-samples", type=positive_int, default=50_000)
     add_option(p, "batch-size", type=positive_int, default=32, help="per process")
@@ -151,8 +151,8 @@ def model_options(args: argparse.Namespace, meta: dict) -> argparse.Namespace:
         recorded["model"] = meta["model"]
     if recorded.get("vae") == "none" and "in_channels" in meta.get("model_kwargs", {}):
         recorded["channels"] = meta["model_kwargs"]["in_channels"]  # pixel space: image channels
-    options, mismatches = {**TRAIN_DEFAULTS, **recorded, "use_ckpt": False}, []
-    for name in [*MODEL_OPTIONS, "vae", "text_encoder"]:
+    options, mismatches = {**MODEL_DEFAULTS, **recorded, "use_ckpt": False}, []
+    for name in MODEL_DEFAULTS:
         given = getattr(args, name)
         if given is None:
             continue
@@ -182,13 +182,13 @@ def load_encoders(options: argparse.Namespace, text: bool, device: torch.device)
 def create_model(options: argparse.Namespace, meta: dict, vae, text_encoder) -> nn.Module:
     """The checkpoint's model, from its recorded constructor kwargs, else from the options."""
     if "model_kwargs" in meta:  # gradient checkpointing only saves memory when training
-        model = All_models[options.model](**{**meta["model_kwargs"], "use_checkpoint": False})
+        model = build_model(meta["model"], {**meta["model_kwargs"], "use_checkpoint": False})
     else:
         in_channels = vae.config.latent_channels if vae is not None else options.channels or 3
         input_size = options.image_size // vae_downsample_factor(vae)
         context_dim = text_encoder.hidden_size if text_encoder is not None else None
         try:
-            model, _ = build_model(options, in_channels, input_size, context_dim)
+            model, _ = build_model_from_options(options, in_channels, input_size, context_dim)
         except ValueError as err:
             raise fail(str(err)) from err
     # A swapped encoder must still fit the model.
@@ -204,12 +204,9 @@ def create_model(options: argparse.Namespace, meta: dict, vae, text_encoder) -> 
     return model
 
 
-def load_weights(model: nn.Module, name: str, ckpt: Path, weights: str) -> nn.Module:
-    """Load --weights into the model, naming every key or shape that does not fit."""
-    try:
-        state_dict = find_model(ckpt, weights)
-    except KeyError as err:
-        raise fail(f"{err.args[0]}; use --weights ema") from err
+def load_weights(model: nn.Module, state_dict: dict, name: str, ckpt: Path) -> nn.Module:
+    """Load the checkpoint's weights into the model, naming every key or shape that does not
+    fit."""
     expected = model.state_dict()
     problems = [f"missing {k}" for k in sorted(expected.keys() - state_dict.keys())]
     problems += [f"unexpected {k}" for k in sorted(state_dict.keys() - expected.keys())]
@@ -219,19 +216,22 @@ def load_weights(model: nn.Module, name: str, ckpt: Path, weights: str) -> nn.Mo
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         raise fail(f"{ckpt} holds weights of another model than the {name} this command builds "
-                   f"({len(problems)} differences):\n  {shown}")
+                   f"({len(problems)} difference{'s' if len(problems) > 1 else ''}):\n  {shown}")
     model.load_state_dict(state_dict)
     return model.eval().requires_grad_(False)
 
 
-def create_sampler(args: argparse.Namespace, objective: str) -> tuple[object, str]:
-    """(sampler, short name for the folder name) from the flags of the checkpoint's objective."""
+def create_sampler(args: argparse.Namespace, objective: str, source: str) -> tuple[object, str]:
+    """(sampler, short name for the folder name) from the flags of the checkpoint's objective.
+    The USM authors' checkpoints are sampled on their own time grid (UPSTREAM.md item 6)."""
     if objective == "rf":
         if args.respacing:
             raise fail("--respacing is for Gaussian diffusion; this checkpoint is rectified flow "
                        "(--num-sampling-steps, --sampler)")
         steps, solver = args.num_sampling_steps or SAMPLE_STEPS, args.sampler or "euler"
-        return RectifiedFlow(steps, sampler=solver), f"{solver}{steps}"
+        t_min = AUTHORS_T_MIN if source == USM_AUTHORS else 0.0
+        name = f"{solver}{steps}" + ("-authors-time" if t_min else "")
+        return RectifiedFlow(steps, sampler=solver, t_min=t_min), name
     if args.num_sampling_steps or args.sampler:
         raise fail("--num-sampling-steps / --sampler are for rectified flow; this checkpoint is "
                    "Gaussian diffusion (--respacing, e.g. ddim50 or 250)")
@@ -410,13 +410,20 @@ def main(args: argparse.Namespace) -> Path:
     """Sample as configured; returns the sample folder."""
     # Everything that can be refused is checked before any model is loaded.
     ckpt = resolve_checkpoint(args.ckpt)
-    meta = load_checkpoint_meta(ckpt) or {}
+    try:  # ours, the USM authors' or CompVis', converted to our names
+        meta, state_dict = load_checkpoint(ckpt, args.weights)
+    except CheckpointError as err:
+        raise fail(str(err)) from err
+    except KeyError as err:
+        raise fail(f"{err.args[0]}; use --weights ema") from err
     options = model_options(args, meta)
     text = (meta["model_kwargs"].get("context_dim") is not None if "model_kwargs" in meta
             else args.captions is not None)  # a bare state dict: the flags say what it is
+    if args.has_text and not text:
+        raise fail(f"--has_text, but {ckpt} is not text-conditional")
     labels = check_conditions(args, options.num_classes, text)
     captions = read_captions(args.captions) if args.captions else None
-    sampler, sampler_name = create_sampler(args, options.objective)
+    sampler, sampler_name = create_sampler(args, options.objective, meta.get("source", ""))
     folder = Path(args.sample_dir or default_sample_dir(ckpt, options, args, sampler_name))
     settings = dict(checkpoint=str(ckpt.resolve()), step=meta.get("step"), weights=args.weights,
                     vae=options.vae, sampler=sampler_name, cfg_scale=args.cfg_scale,
@@ -426,11 +433,13 @@ def main(args: argparse.Namespace) -> Path:
     prepare_folder(folder, args.grid, settings)
 
     state = Accelerator()  # reads accelerate launch's settings (processes, CPU, device)
+    if note := ignored_note(args):
+        state.print(note)
     # Only DDPM's per-step noise draws from the global RNG; seeded per process as DiT does.
     torch.manual_seed(args.global_seed * state.num_processes + state.process_index)
     vae, text_encoder = load_encoders(options, text, state.device)
     model = create_model(options, meta, vae, text_encoder)
-    model = load_weights(model, options.model, ckpt, args.weights).to(state.device)
+    model = load_weights(model, state_dict, options.model, ckpt).to(state.device)
     in_channels, (input_size, _) = model.in_channels, model.input_size  # train.py's are square
     generate = ImageSampler(model, sampler, vae, text_encoder, in_channels, input_size,
                             args.cfg_scale)

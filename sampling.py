@@ -35,7 +35,8 @@ def build_model(args: argparse.Namespace, in_channels: int, input_size: int,
                   context_dim=context_dim, learn_sigma=args.objective == "gaussian",
                   learn_pos_emb=args.learn_pos_emb, use_checkpoint=args.use_ckpt)
     if args.model in USM_models:  # Zigma's constructors do not take the U-shape options
-        kwargs.update(skip_conn=args.skip_conn, use_convtranspose=args.use_convtranspose)
+        kwargs.update(skip_conn=args.skip_conn, use_convtranspose=args.use_convtranspose,
+                      skip_gate=args.skip_gate)
         if args.stages:
             kwargs["stages"] = args.stages
     try:

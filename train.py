@@ -49,7 +49,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cli import add_option, add_switch, fail, positive_int, stage_list
+from cli import add_ignored, add_model_options, add_option, fail, ignored_note, positive_int
 from data import (
     CorruptImageError,
     DataError,
@@ -71,7 +71,6 @@ from encoders import (
     vae_downsample_factor,
 )
 from evaluate_fid import compute_statistics, frechet_distance, load_inception
-from models import All_models
 from sampling import (
     CHECKPOINT_RE,
     SAMPLE_STEPS,
@@ -98,33 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Data
     add_option(p, "data-path", required=True,
                help="folder with train/ and val/ (ImageFolder), or COCO captions with annotations/")
-    add_option(p, "image-size", type=positive_int, default=256)
-    add_option(p, "num-classes", type=int, default=0,
-               help="class-conditional when > 0 (must match the class folders); 0 = unconditional")
-    add_option(p, "channels", type=int, choices=[1, 3],
-               help="pixel space only: 1 = grayscale, 3 = RGB (default: as the data)")
-    add_option(p, "vae", default="ema",
-               help="ema | mse (Stable Diffusion VAEs) | an AutoencoderKL folder | none (pixels)")
-    add_option(p, "text-encoder", default="openai/clip-vit-large-patch14",
-               help="CLIP text model (hub id or folder) for COCO captions")
+    add_option(p, "has-text", action="store_true",
+               help="text-conditional (the authors' flag): --data-path must be COCO captions, "
+                    "which are text-conditional with or without it")
     add_option(p, "cache-latents", action="store_true",
                help="encode the train set (and its mirror images) once and train from the cache")
     add_option(p, "on-corrupt", choices=["fail", "skip"], default="fail",
                help="fail: stop at the first unreadable image, naming it; skip: decode every file "
                     "before training and leave out the unreadable ones (listed in log.txt)")
     add_option(p, "num-workers", type=int, default=4)
-    # Model
-    add_option(p, "model", choices=list(All_models), default="USM-B/1", metavar="MODEL",
-               help=f"one of: {', '.join(All_models)}")
-    add_option(p, "learn-pos-emb", action="store_true", help="learnable positional embedding")
+    # Model (shared with sample.py)
+    add_model_options(p)
     add_option(p, "use-ckpt", action="store_true", help="gradient checkpointing (saves memory)")
-    add_switch(p, "skip-conn", "no-skip-conn", "USM skip connections (default on)")
-    add_switch(p, "use-convtranspose", "no-convtranspose",
-               "USM up-sampling by ConvTranspose2d (default on; off: nearest + 3x3 conv)")
-    add_option(p, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
     # Objective
-    add_option(p, "objective", choices=["rf", "gaussian"], default="rf",
-               help="rf: rectified flow (the paper's); gaussian: DiT's diffusion, learned sigma")
     add_option(p, "sampling", choices=["log", "uniform"], default="log",
                help="rectified-flow training times: logit-normal or uniform in [0, 1]")
     add_option(p, "cond-drop-prob", type=float, default=0.1,
@@ -134,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(p, "lr", type=float, default=1e-4)
     add_option(p, "weight-decay", type=float, default=0.0)
     add_option(p, "ema-decay", type=float, default=0.9999)
-    add_option(p, "grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    add_option(p, "grad-clip", type=float, default=0.0,
+               help="max gradient norm, clipped before the step; 0 (default): no clipping, as "
+                    "the authors trained")
     add_option(p, "mixed-precision", choices=["no", "fp16", "bf16"],
                help="default: accelerate's config / launch flag")
     add_option(p, "max-steps", type=positive_int, default=400_000)
@@ -148,15 +135,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(p, "ckpt-every", type=positive_int, default=10_000)
     add_option(p, "keep-last", type=positive_int, default=3,
                help="step checkpoints kept (best/ apart)")
-    add_option(p, "sample-every", type=positive_int, default=20_000)
+    add_option(p, "sample-every", type=positive_int, default=20_000,
+               help="grid of EMA samples every N steps, and FID on the val split (when there is "
+                    "one) with a best/ checkpoint when it improves, as the authors' script did")
     add_option(p, "cfg-scale", type=float, default=1.0,
                help="guidance for sample grids and FID (1 = none)")
-    add_option(p, "fid-every", type=int, default=0, help="0 disables FID during training")
+    add_option(p, "fid-every", type=int,
+               help="FID every N steps instead (default: --sample-every); 0 disables FID")
     add_option(p, "fid-images", type=positive_int, default=1000,
                help="val images (and as many samples) for FID")
+    add_option(p, "samples", type=positive_int,
+               help="the authors' FID size: this many batches of --batch-size val images per "
+                    "process (overrides --fid-images)")
     add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
     add_option(p, "log-every", type=positive_int, default=100)
     add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
+    add_ignored(p, "experiment-dir")  # the authors' train.py never read it
     return p.parse_args(argv)
 
 
@@ -246,6 +240,9 @@ def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
     """Inputs that would only fail later (or silently train the wrong thing) are refused now."""
     if is_coco(args.data_path) and args.num_classes:
         raise fail("COCO captions are text-conditional: use --num-classes 0")
+    if args.has_text and not is_coco(args.data_path):
+        raise fail(f"--has_text needs COCO captions: {args.data_path} has no "
+                   "annotations/train.json")
     if args.num_classes and args.num_classes != len(classes):
         found = f"{len(classes)} class folders ({', '.join(classes[:10])})" if classes else (
             "no class folders")
@@ -283,13 +280,13 @@ def save_grid(generate: ImageSampler, conditions, path: Path, seed: int) -> None
 
 
 @torch.no_grad()
-def compute_fid(accelerator, generate: ImageSampler, val_set, args, inception,
+def compute_fid(accelerator, generate: ImageSampler, val_set, fid_images: int, args, inception,
                 reference: tuple | None) -> tuple[float, tuple]:
-    """FID of --fid-images generated images against as many val images (counted in images). The
+    """FID of `fid_images` generated images against as many val images (counted in images). The
     samples use the val images' own labels / first captions, so both sets have the same mix of
     conditions; each process handles a shard, features are gathered. Returns (fid, reference
     statistics), the latter computed on the first call only."""
-    n = min(args.fid_images, len(val_set))
+    n = min(fid_images, len(val_set))
     shard = Subset(val_set, range(accelerator.process_index, n, accelerator.num_processes))
     # Its own generator: starting the loader must not draw from the training RNG (exact resume).
     loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=collate,
@@ -416,6 +413,8 @@ def main(args: argparse.Namespace) -> Path:
             shutil.rmtree(leftover)
     setup_logging(exp_dir, accelerator.is_main_process)
     logger.info(f"Experiment folder {exp_dir}")
+    if note := ignored_note(args):
+        logger.info(note)
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     # Data.
@@ -460,17 +459,28 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"Resumed from {resume_from} at step {train_steps} "
                     "(--resume none starts a new experiment instead)")
 
-    # Sample grids and FID.
+    # Sample grids and FID: FID at --sample-every on the val split, as the authors' script, unless
+    # --fid-every says otherwise.
     val_set = None
     try:
         val_set, _ = build_dataset(args.data_path, "val", args.image_size, train_set.channels)
     except DataError as err:
         if args.fid_every:
             raise fail(f"{err} (FID is measured on val images)") from err
+    fid_every = args.fid_every
+    if fid_every is None:  # the authors' behaviour, where a val split can give an FID
+        fid_every = args.sample_every if val_set is not None and len(val_set) > 1 else 0
+        if val_set is not None and not fid_every:
+            logger.warning(f"FID off: the val split has {len(val_set)} image (FID needs 2)")
+    fid_images = args.fid_images
+    if args.samples is not None:
+        fid_images = args.samples * args.batch_size * accelerator.num_processes
+        logger.info(f"--samples {args.samples}: FID on {fid_images} val images "
+                    f"({args.samples} batches of {args.batch_size} per process)")
     generate = ImageSampler(ema, sampler, vae, text_encoder, in_channels, input_size,
                             args.cfg_scale)
     conditions = grid_conditions(args, val_set if val_set is not None else train_set)
-    inception = load_inception(args.inception, device) if args.fid_every else None
+    inception = load_inception(args.inception, device) if fid_every else None
     fid_reference = None
 
     if args.report_to == "tensorboard" and not tensorboard:
@@ -509,7 +519,8 @@ def main(args: argparse.Namespace) -> Path:
                 raise SystemExit(f"train.py: loss is {mean_loss} at step {train_steps + 1}; "
                                  f"stopping. Last good checkpoint: {last[-1] if last else 'none'}")
             accelerator.backward(loss)
-            if args.grad_clip > 0:  # before the step (the released code clipped after it)
+            if args.grad_clip > 0:  # off by default: the USM release never clipped (CompVis'
+                # Zigma clipped after the step, which is no clipping of that step's update)
                 accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -540,11 +551,11 @@ def main(args: argparse.Namespace) -> Path:
                     save_grid(generate, conditions, grid, args.global_seed)
                     logger.info(f"Saved sample grid {grid}")
                 accelerator.wait_for_everyone()
-            if args.fid_every and (train_steps % args.fid_every == 0 or last_step):
-                fid, fid_reference = compute_fid(accelerator, generate, val_set, args, inception,
-                                                 fid_reference)
+            if fid_every and (train_steps % fid_every == 0 or last_step):
+                fid, fid_reference = compute_fid(accelerator, generate, val_set, fid_images,
+                                                 args, inception, fid_reference)
                 logger.info(f"(step={train_steps:07d}) FID={fid:.3f} "
-                            f"({min(args.fid_images, len(val_set))} images)")
+                            f"({min(fid_images, len(val_set))} images)")
                 accelerator.log({"fid": fid}, step=train_steps)
                 if fid < best_fid:
                     best_fid = fid

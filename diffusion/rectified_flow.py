@@ -27,7 +27,12 @@ SAMPLERS = ("euler", "heun")
 
 
 class RectifiedFlow:
-    def __init__(self, num_timesteps: int = 25, sampling: str = "log", sampler: str = "euler"):
+    """t_min: the sampler queries the model at t_min + (1 - t_min) t while stepping on the uniform
+    grid of t. 0 is ours; the USM release queried t = 1 + 999 i / N of its 1..1000 scale with
+    steps of 1 / N, which is t_min = 0.001 here (UPSTREAM.md item 6)."""
+
+    def __init__(self, num_timesteps: int = 25, sampling: str = "log", sampler: str = "euler",
+                 t_min: float = 0.0):
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if sampler not in SAMPLERS:
@@ -35,6 +40,7 @@ class RectifiedFlow:
         self.num_timesteps = num_timesteps  # number of ODE steps used by sample()
         self.sampling = sampling
         self.sampler = sampler
+        self.t_min = t_min
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
         """Training times t, shape (B,), in [0, 1]."""
@@ -83,6 +89,7 @@ class RectifiedFlow:
         times = torch.linspace(0, 1, steps + 1, device=z.device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = self.t_min + (1 - self.t_min) * t
             return model_fn(x, t.expand(x.shape[0]), **model_kwargs)
 
         x = z

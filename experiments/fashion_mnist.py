@@ -34,11 +34,11 @@ from download import (
     FASHION_MNIST_SOURCE,
     export_fashion_mnist,
     fashion_mnist_files,
-    load_checkpoint_meta,
     read_idx,
 )
 from evaluate_fid import compute_statistics, frechet_distance, load_inception
 from experiments.classifier import FashionCNN, accuracy, train_classifier
+from loader import load_checkpoint
 from models import All_models
 from sampling import step_checkpoints
 
@@ -123,7 +123,7 @@ def reference_statistics(args: argparse.Namespace, extractors: dict) -> dict:
 
 def params_and_gflops(checkpoint: Path) -> tuple[int, float]:
     """Parameters and forward GFLOPs for one image, counted as benchmarks/ counts them."""
-    meta = load_checkpoint_meta(checkpoint)
+    meta, _ = load_checkpoint(checkpoint)
     with torch.device("meta"):
         model = All_models[meta["model"]](**meta["model_kwargs"])
         x, t, y = torch.randn(1, 1, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)

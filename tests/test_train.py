@@ -22,7 +22,8 @@ from tests.fixtures import make_coco_folder, make_image_folder, save_tiny_clip, 
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "USM-T/1", "--image-size", "8", "--stages", "1", "--vae", "none",
-        "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--max-steps", "2"]
+        "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--max-steps", "2",
+        "--fid-every", "0"]
 
 
 def run(data: Path, results: Path, *extra: str) -> Path:
@@ -204,7 +205,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_with_the_authors_command_line(images, tmp_path):
+def test_two_cpu_processes_with_the_authors_command_line(images, features, tmp_path):
+    # SPEC.md's training command as written (model and size adapted to CPU, and --sample-every
+    # 2 so that the run reaches it) on two processes: grid + FID of the EMA on the val split at
+    # every --sample-every, a best/ checkpoint, --samples as FID batches, dead flags accepted.
     # accelerate 1.15 starts several CPU processes only through its multi-process (torchrun)
     # launcher; ACCELERATE_USE_CPU makes them use CPU + gloo.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -212,19 +216,25 @@ def test_two_cpu_processes_with_the_authors_command_line(images, tmp_path):
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     authors = ["--model", "USM-T/1", "--data-path", str(images), "--batch_size", "2",
-               "--num-classes", "2", "--results_dir", str(tmp_path), "--learn_pos_emb",
-               "--sample-every", "20000", "--ckpt-every", "2", "--use_ckpt", "--sampling", "log",
-               "--use_convtranspose", "--skip_conn"]
+               "--num-classes", "0", "--results_dir", str(tmp_path), "--learn_pos_emb",
+               "--sample-every", "2", "--ckpt-every", "2", "--use_ckpt", "--sampling", "log",
+               "--use_convtranspose", "--skip_conn", "--samples", "1", "--experiment_dir", "x"]
     tiny = ["--vae", "none", "--image-size", "8", "--stages", "1", "--max-steps", "4",
-            "--num-workers", "0", "--report-to", "none"]
+            "--num-workers", "0", "--report-to", "none", "--inception", str(features)]
     result = subprocess.run([*launch, "train.py", *authors, *tiny], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = tmp_path / "000-USM-T-1"
     folder = exp / "checkpoints" / "step-0000004"
     assert (folder / "random_states_0.pkl").is_file() and (folder / "random_states_1.pkl").is_file()
-    assert "global batch 4" in (exp / "log.txt").read_text()  # 2 processes x 2
+    log = (exp / "log.txt").read_text()
+    assert "global batch 4" in log  # 2 processes x 2
+    assert "Ignoring --experiment_dir" in log
+    assert "--samples 1: FID on 4 val images (1 batches of 2 per process)" in log
+    assert "(step=0000002) FID=" in log and "(step=0000004) FID=" in log and "(4 images)" in log
+    assert json.loads((exp / "checkpoints" / "best" / "meta.json").read_text())["fid"] >= 0
     model = load_file(folder / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values())
+    assert (exp / "samples" / "step-0000002.png").is_file()
     assert (exp / "samples" / "step-0000004.png").is_file()
     assert np.isfinite(logged_losses(exp)).all()
