@@ -30,14 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from cli import add_option, add_switch, fail, int_list, positive_int, stage_list
+from cli import (
+    add_option,
+    add_scan_backend,
+    add_switch,
+    fail,
+    int_list,
+    positive_int,
+    stage_list,
+    use_scan_backend,
+)
 from diffusion import RectifiedFlow, create_diffusion
 from download import find_model, load_checkpoint_meta, save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
@@ -80,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                default=None)
     add_option(p, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
     add_option(p, "objective", choices=["rf", "gaussian"])
+    add_scan_backend(p)
     # Encoders: default from the checkpoint; may be swapped (e.g. the ema and mse SD VAEs).
     add_option(p, "vae", help="ema | mse | an AutoencoderKL folder | none (pixel space)")
     add_option(p, "text-encoder", help="CLIP text model (hub id or folder)")
@@ -409,6 +419,7 @@ def save_grid(folder: Path, path: Path, num_samples: int, labels: list[int], col
 def main(args: argparse.Namespace) -> Path:
     """Sample as configured; returns the sample folder."""
     # Everything that can be refused is checked before any model is loaded.
+    scan_backend = use_scan_backend(args.scan_backend, PartialState().device)
     ckpt = resolve_checkpoint(args.ckpt)
     meta = load_checkpoint_meta(ckpt) or {}
     options = model_options(args, meta)
@@ -426,6 +437,7 @@ def main(args: argparse.Namespace) -> Path:
     prepare_folder(folder, args.grid, settings)
 
     state = Accelerator()  # reads accelerate launch's settings (processes, CPU, device)
+    state.print(scan_backend)
     # Only DDPM's per-step noise draws from the global RNG; seeded per process as DiT does.
     torch.manual_seed(args.global_seed * state.num_processes + state.process_index)
     vae, text_encoder = load_encoders(options, text, state.device)
