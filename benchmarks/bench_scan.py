@@ -96,7 +96,7 @@ def main() -> None:
     for row in rows:
         print(f"  {row['backend']:<10} {row['ms']:10.1f} ms   {row['speedup']:7.1f}x reference")
     if not any(row["backend"] == "mamba_ssm" for row in rows):
-        print("  mamba_ssm  not timed (needs CUDA and `pip install -r requirements-cuda.txt`)")
+        print("  mamba_ssm  not timed (needs CUDA and `source scripts/setup_cuda.sh`)")
     if args.json:
         config = {**vars(args), "json": str(args.json), "cpu_threads": threads}
         args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
