@@ -84,6 +84,14 @@ def make_images(root: Path, per_class: int = 16, size: int = 32) -> Path:
     return root
 
 
+def run_script(command: list[str]) -> str:
+    """Run a repository script; its log (stderr), or RuntimeError with the log's end."""
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command[1:3])} failed:\n{result.stderr[-3000:]}")
+    return result.stderr
+
+
 def training_run(work: Path, steps: int = 300) -> dict:
     """train.py and sample.py as a user runs them; returns the logged losses and the samples."""
     data = make_images(work / "data")
@@ -93,13 +101,13 @@ def training_run(work: Path, steps: int = 300) -> dict:
              "--ema-decay", "0.99", "--max-steps", str(steps), "--log-every", str(steps // 6),
              "--ckpt-every", str(steps), "--sample-every", str(steps),
              "--mixed-precision", "bf16", "--report-to", "none", "--num-workers", "2"]
-    log = subprocess.run(train, cwd=REPO, capture_output=True, text=True, check=True).stderr
-    losses = [float(x) for x in re.findall(r"loss=([0-9.eE+-]+)", log)]
+    log = run_script(train)
+    losses = [float(x) for x in re.findall(r"\(step=\d+\) loss=(\S+)", log)]  # log lines only
     backend = re.search(r"Selective scan backend: .*", log)[0]
     npz = work / "samples.npz"
     sample = [sys.executable, "sample.py", "--ckpt", str(work / "results" / "000-USM-T-2"),
               "--num-samples", "16", "--batch-size", "16", "--sample-dir", str(npz.with_suffix(""))]
-    subprocess.run(sample, cwd=REPO, capture_output=True, text=True, check=True)
+    run_script(sample)
     images = np.load(npz)["arr_0"]
     return {"command": " ".join(train[1:]), "losses": losses, "backend": backend,
             "falls": len(losses) > 1 and losses[-1] < 0.5 * losses[0],
