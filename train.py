@@ -248,11 +248,10 @@ def setup_logging(exp_dir: Path, is_main: bool) -> None:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model for every parameter, in two multi-tensor kernels
     (a loop of per-parameter ops launches hundreds of small kernels per step on a GPU)."""
-    ema_params = dict(ema.named_parameters())
-    names = [name for name, _ in model.named_parameters()]
-    ema_list = [ema_params[name] for name in names]
+    ema_params, model_params = dict(ema.named_parameters()), dict(model.named_parameters())
+    ema_list = [ema_params[name] for name in model_params]
     torch._foreach_mul_(ema_list, decay)
-    torch._foreach_add_(ema_list, [p.detach() for p in model.parameters()], alpha=1 - decay)
+    torch._foreach_add_(ema_list, [p.detach() for p in model_params.values()], alpha=1 - decay)
 
 
 def checked_mean_loss(accelerator: Accelerator, loss_sum: torch.Tensor, steps: int,

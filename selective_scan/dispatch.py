@@ -12,6 +12,7 @@ and why. The scan always runs with autocast off: its state and the weights A, D,
 float32 under bf16/fp16 training (low-precision states are where Mamba's NaNs come from).
 """
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -154,7 +155,9 @@ def selective_scan(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    with torch.autocast(u.device.type, enabled=False):  # float32 state and weights, always
+    device = u.device.type  # float32 state and weights under autocast, always (no meta autocast)
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else contextlib.nullcontext()):
         return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
 
 
