@@ -5,6 +5,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from models import All_models
+from selective_scan import BACKENDS, resolve_backend, set_backend
+from selective_scan.dispatch import warn_slow_path
+
 
 def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Register --name with dashes and with underscores: the authors' README mixes both."""
@@ -69,8 +75,6 @@ ENCODER_OPTIONS = ("vae", "text_encoder")  # may be swapped at sampling (e.g. th
 
 def add_model_options(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
     """The model and encoder options, with MODEL_DEFAULTS or (from_checkpoint) None."""
-    from models import All_models  # models imports torch: only the scripts that build one pay
-
     default = dict.fromkeys(MODEL_DEFAULTS) if from_checkpoint else MODEL_DEFAULTS
     add_option(parser, "model", choices=list(All_models), default=default["model"],
                metavar="MODEL", help=f"one of: {', '.join(All_models)}")
@@ -116,3 +120,23 @@ def ignored_note(args: argparse.Namespace) -> str | None:
         return None
     return (f"Ignoring {', '.join(dict.fromkeys(args.ignored))}: accepted for the authors' "
             "command lines, where it had no effect either")
+def add_scan_backend(parser: argparse.ArgumentParser) -> None:
+    """--scan-backend: which selective scan the models run (see `use_scan_backend`)."""
+    add_option(parser, "scan-backend", choices=BACKENDS, default="auto",
+               help="auto: mamba_ssm's CUDA kernel when it loads and the run is on a GPU, else "
+                    "the PyTorch scan; torch: always the PyTorch scan; mamba_ssm: the kernel or "
+                    "refuse to start (`python -m selective_scan` says what loads here)")
+
+
+def use_scan_backend(backend: str, device: torch.device) -> str:
+    """Make `backend` the process-wide scan backend and return the line to log: the backend a run
+    on `device` uses, and why. Refuses (SystemExit) where mamba_ssm was asked for and cannot run;
+    "auto" on a GPU without the kernel warns once, naming the import error and the fix."""
+    set_backend(backend)
+    try:
+        used, why = resolve_backend(device)
+    except RuntimeError as err:
+        raise fail(f"--scan-backend {backend}: {err}") from err
+    if device.type == "cuda" and used == "torch" and backend == "auto":
+        warn_slow_path()
+    return f"Selective scan backend: {used} ({why})"

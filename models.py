@@ -26,7 +26,7 @@ from timm.layers import DropPath, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import classifier_free_guidance
-from selective_scan import selective_scan
+from selective_scan import causal_conv1d, selective_scan
 from zigzag import NUM_PATHS, zigzag_inverse, zigzag_path
 
 
@@ -206,7 +206,7 @@ class ZigmaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = rearrange(self.in_proj(x[:, self.perm]), "b l d -> b d l").chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., : x.shape[-1]])  # left padding only: causal
+        x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu")
         y = rearrange(self.ssm(x, z=z), "b d l -> b l d")  # Mamba gates by SiLU(z) in the scan
         return self.out_proj(y)[:, self.inverse]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
@@ -43,10 +43,12 @@ from cli import (
     add_ignored,
     add_model_options,
     add_option,
+    add_scan_backend,
     fail,
     ignored_note,
     int_list,
     positive_int,
+    use_scan_backend,
 )
 from diffusion import RectifiedFlow, create_diffusion
 from download import save_png
@@ -79,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_options(p, from_checkpoint=True)
     add_option(p, "has-text", action="store_true",
                help="the authors' flag: the checkpoint must be text-conditional (--captions)")
+    add_scan_backend(p)
     # The authors' sample.py accepted these and used none of them.
     for name in ("results-dir", "experiment-dir", "epochs", "num-workers"):
         add_ignored(p, name)
@@ -409,6 +412,7 @@ def save_grid(folder: Path, path: Path, num_samples: int, labels: list[int], col
 def main(args: argparse.Namespace) -> Path:
     """Sample as configured; returns the sample folder."""
     # Everything that can be refused is checked before any model is loaded.
+    scan_backend = use_scan_backend(args.scan_backend, PartialState().device)
     ckpt = resolve_checkpoint(args.ckpt)
     try:  # ours, the USM authors' or CompVis', converted to our names
         meta, state_dict = load_checkpoint(ckpt, args.weights)
@@ -433,6 +437,7 @@ def main(args: argparse.Namespace) -> Path:
     prepare_folder(folder, args.grid, settings)
 
     state = Accelerator()  # reads accelerate launch's settings (processes, CPU, device)
+    state.print(scan_backend)
     if note := ignored_note(args):
         state.print(note)
     # Only DDPM's per-step noise draws from the global RNG; seeded per process as DiT does.

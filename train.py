@@ -49,7 +49,16 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cli import add_ignored, add_model_options, add_option, fail, ignored_note, positive_int
+from cli import (
+    add_ignored,
+    add_model_options,
+    add_option,
+    add_scan_backend,
+    fail,
+    ignored_note,
+    positive_int,
+    use_scan_backend,
+)
 from data import (
     CorruptImageError,
     DataError,
@@ -109,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Model (shared with sample.py)
     add_model_options(p)
     add_option(p, "use-ckpt", action="store_true", help="gradient checkpointing (saves memory)")
+    add_scan_backend(p)
     # Objective
     add_option(p, "sampling", choices=["log", "uniform"], default="log",
                help="rectified-flow training times: logit-normal or uniform in [0, 1]")
@@ -231,9 +241,33 @@ def setup_logging(exp_dir: Path, is_main: bool) -> None:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_params = dict(ema.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    """ema = decay * ema + (1 - decay) * model for every parameter, in two multi-tensor kernels
+    (a loop of per-parameter ops launches hundreds of small kernels per step on a GPU)."""
+    ema_params, model_params = dict(ema.named_parameters()), dict(model.named_parameters())
+    ema_list = [ema_params[name] for name in model_params]
+    torch._foreach_mul_(ema_list, decay)
+    torch._foreach_add_(ema_list, [p.detach() for p in model_params.values()], alpha=1 - decay)
+
+
+def checked_mean_loss(accelerator: Accelerator, loss_sum: torch.Tensor, steps: int,
+                      train_steps: int, first_unchecked: int, weights: list[torch.Tensor],
+                      exp_dir: Path) -> float:
+    """The mean loss over the last `steps` steps and all processes, read from the device in one
+    synchronisation. A non-finite loss or weight (since step `first_unchecked`) stops every
+    process (all see the same values), naming the last good checkpoint: no later one is written."""
+    largest_weight = torch.stack(torch._foreach_norm(weights, float("inf"))).amax()  # nan, inf
+    mean_loss, largest_weight = accelerator.reduce(
+        torch.stack([loss_sum / steps, largest_weight.float()]), "mean").tolist()
+    if math.isfinite(mean_loss) and math.isfinite(largest_weight):
+        return mean_loss
+    last = step_checkpoints(exp_dir)
+    accelerator.end_training()
+    where = (f"at step {train_steps}" if first_unchecked == train_steps
+             else f"in steps {first_unchecked}-{train_steps}")
+    problem = (f"loss is {mean_loss} {where}" if not math.isfinite(mean_loss)
+               else f"weights are not finite after step {train_steps}")
+    raise SystemExit(f"train.py: {problem}; stopping. "
+                     f"Last good checkpoint: {last[-1] if last else 'none'}")
 
 
 def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
@@ -375,6 +409,7 @@ def main(args: argparse.Namespace) -> Path:
                                                   data_seed=args.global_seed),
     )
     device = accelerator.device
+    scan_backend = use_scan_backend(args.scan_backend, device)  # may refuse: before any output
 
     # Frozen encoders.
     try:
@@ -415,6 +450,7 @@ def main(args: argparse.Namespace) -> Path:
     logger.info(f"Experiment folder {exp_dir}")
     if note := ignored_note(args):
         logger.info(note)
+    logger.info(scan_backend)
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     # Data.
@@ -500,7 +536,11 @@ def main(args: argparse.Namespace) -> Path:
         max_steps = min(max_steps, args.epochs * len(loader))
     logger.info(f"Training from step {train_steps} to {max_steps}")
     model.train()
-    log_losses, log_start = [], time.time()
+    # Losses stay on the device and are read every --log-every steps and before checkpoints:
+    # reading one every step would make the CPU wait for the GPU at every step.
+    weights = [*model.parameters(), *ema.parameters()]
+    loss_sum, loss_steps, log_start = torch.zeros((), device=device), 0, time.time()
+    first_unchecked = train_steps + 1
     progress = tqdm(total=max_steps, initial=train_steps, unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
     batches = batches_from(loader, accelerator, train_steps)
@@ -512,12 +552,6 @@ def main(args: argparse.Namespace) -> Path:
                 raise fail(f"{err}\nRemove the file, or pass --on-corrupt skip") from err
             x, kwargs = model_inputs(x, cond, args, vae, text_encoder, dataset is not train_set)
             loss = objective.training_losses(model, x, kwargs)["loss"].mean()
-            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
-            if not math.isfinite(mean_loss):  # the same value on every process: all stop here
-                last = step_checkpoints(exp_dir)
-                accelerator.end_training()
-                raise SystemExit(f"train.py: loss is {mean_loss} at step {train_steps + 1}; "
-                                 f"stopping. Last good checkpoint: {last[-1] if last else 'none'}")
             accelerator.backward(loss)
             if args.grad_clip > 0:  # off by default: the USM release never clipped (CompVis'
                 # Zigma clipped after the step, which is no clipping of that step's update)
@@ -527,19 +561,25 @@ def main(args: argparse.Namespace) -> Path:
             update_ema(ema, accelerator.unwrap_model(model), args.ema_decay)
             train_steps += 1
             progress.update()
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            log_losses.append(mean_loss)
+            loss_sum += loss.detach().float()
+            loss_steps += 1
             last_step = train_steps == max_steps
+            checkpoint_now = train_steps % args.ckpt_every == 0 or last_step
 
+            if train_steps % args.log_every == 0 or last_step or checkpoint_now:
+                avg_loss = checked_mean_loss(accelerator, loss_sum, loss_steps, train_steps,
+                                             first_unchecked, weights, exp_dir)
+                first_unchecked = train_steps + 1
             if train_steps % args.log_every == 0 or last_step:
-                steps_per_sec = len(log_losses) / (time.time() - log_start)
-                avg_loss = sum(log_losses) / len(log_losses)
+                steps_per_sec = loss_steps / (time.time() - log_start)
+                progress.set_postfix(loss=f"{avg_loss:.4f}")
                 logger.info(f"(step={train_steps:07d}) loss={avg_loss:.4f} "
                             f"steps/sec={steps_per_sec:.2f}")
                 accelerator.log({"loss": avg_loss, "steps_per_sec": steps_per_sec},
                                 step=train_steps)
-                log_losses, log_start = [], time.time()
-            if train_steps % args.ckpt_every == 0 or last_step:
+                loss_sum.zero_()
+                loss_steps, log_start = 0, time.time()
+            if checkpoint_now:
                 folder = ckpt_dir / f"step-{train_steps:07d}"
                 save_checkpoint(accelerator, folder, meta(train_steps))
                 if accelerator.is_main_process:

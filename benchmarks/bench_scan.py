@@ -10,7 +10,6 @@ all eight inputs (u, delta, A, B, C, D, z, delta_bias), after warm-up, and the s
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from selective_scan import mamba_ssm_available, selective_scan, selective_scan_ref
+from selective_scan.check import scan_inputs
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
@@ -37,30 +37,6 @@ def time_fn(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> floa
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def scan_inputs(
-    batch: int, dim: int, length: int, state: int, dtype: torch.dtype, device: str, seed: int = 0
-) -> dict[str, Tensor]:
-    """Inputs as a Mamba layer makes them at initialisation (Gu & Dao 2023): A = -(1..N), D = 1,
-    softplus(delta_bias) = dt log-uniform in [1e-3, 0.1]; activations standard normal."""
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.exp(torch.empty(dim).uniform_(math.log(1e-3), math.log(0.1), generator=g))
-    x = {
-        "u": torch.randn(batch, dim, length, generator=g),
-        "delta": 0.1 * torch.randn(batch, dim, length, generator=g),
-        "A": -torch.arange(1, state + 1, dtype=torch.float32).repeat(dim, 1),
-        "B": torch.randn(batch, state, length, generator=g),
-        "C": torch.randn(batch, state, length, generator=g),
-        "D": torch.ones(dim),
-        "z": torch.randn(batch, dim, length, generator=g),
-        "delta_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
-    }
-    weights = ("A", "D", "delta_bias")  # float32 like Mamba's parameters (the kernel wants it)
-    return {
-        k: v.to(device, torch.float32 if k in weights else dtype).requires_grad_()
-        for k, v in x.items()
-    }
 
 
 def time_backends(
@@ -120,7 +96,7 @@ def main() -> None:
     for row in rows:
         print(f"  {row['backend']:<10} {row['ms']:10.1f} ms   {row['speedup']:7.1f}x reference")
     if not any(row["backend"] == "mamba_ssm" for row in rows):
-        print("  mamba_ssm  not timed (needs CUDA and `pip install -r requirements-cuda.txt`)")
+        print("  mamba_ssm  not timed (needs CUDA and `source scripts/setup_cuda.sh`)")
     if args.json:
         config = {**vars(args), "json": str(args.json), "cpu_threads": threads}
         args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")

@@ -30,8 +30,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from benchmarks.bench_scan import time_backends, time_fn
 from benchmarks.flops import METHOD, count_flops
+from cli import add_scan_backend, use_scan_backend
 from models import All_models
-from selective_scan import mamba_ssm_available
+from selective_scan import resolve_backend, set_backend
 
 matplotlib.use("Agg")  # headless: the plot is only written to a file
 import matplotlib.pyplot as plt  # noqa: E402
@@ -112,22 +113,27 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def measure(name: str, size: int, text: bool, train_batch: int | None, checkpoint: bool,
-            device: str, threads: int, warmup: int, repeats: int) -> dict[str, float]:
+            device: str, threads: int, warmup: int, repeats: int, scan_backend: str = "auto",
+            precision: str = "no") -> dict[str, float]:
     """Time one sampling step (and one training step), each after `warmup` untimed runs.
 
     Runs in a fresh process, so its memory high-water mark belongs to this model alone. The
     training peak is read after the sampling one: the high-water mark cannot be lowered on CPU,
     which is harmless because training holds everything sampling does and more. `checkpoint`
     recomputes each block in the backward pass (the authors train with --use_ckpt).
+    `scan_backend` is the selective scan's; precision "bf16" / "fp16" runs under autocast.
     """
     torch.set_num_threads(threads)
+    set_backend(scan_backend)  # a spawned process starts from the default
     dev = torch.device(device)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                         enabled=precision != "no")
     base = peak_bytes(dev)
     torch.manual_seed(0)
     model = build(name, size, text, checkpoint).to(dev)
     x, t, kwargs = inputs(1, size, text, dev)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp:
         result = {"sample_ms": 1e3 * time_fn(lambda: model(x, t, **kwargs), warmup, repeats)}
     result["sample_mb"] = (peak_bytes(dev) - base) / 2**20
     if train_batch:
@@ -137,7 +143,9 @@ def measure(name: str, size: int, text: bool, train_batch: int | None, checkpoin
         target = torch.randn_like(x)  # the velocity target of rectified flow: same shapes
 
         def train_step() -> None:
-            F.mse_loss(model(x, t, **kwargs), target).backward()
+            with amp:
+                loss = F.mse_loss(model(x, t, **kwargs).float(), target)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -324,6 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1 warm-up and 1 timed run, small scan shapes: a smoke test")
     parser.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/"
                         "<device type>): writes <out>.md, <out>.json, scaling_<name>.png")
+    add_scan_backend(parser)
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     if len(args.models) != 2 or not all(m in All_models for m in args.models):
@@ -344,8 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     warmup, repeats = (1, 1) if args.quick else ((1, 2) if cpu else (3, 10))
+    print(use_scan_backend(args.scan_backend, device), flush=True)
     timing = {"device": args.device, "threads": torch.get_num_threads(), "warmup": warmup,
-              "repeats": repeats, "checkpoint": not args.no_ckpt}
+              "repeats": repeats, "checkpoint": not args.no_ckpt,
+              "scan_backend": args.scan_backend}
     plot_path = args.out.parent / f"scaling_{args.out.name}.png"
     # The thread count changes the timings: record it as part of the command when set.
     threads_var = os.environ.get("OMP_NUM_THREADS")
@@ -361,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory": "peak RSS of a fresh process minus its RSS after imports" if cpu else
                   "CUDA allocator peak",
         "flops_method": METHOD,
-        "scan_backend": "mamba_ssm" if not cpu and mamba_ssm_available() else "torch",
+        "scan_backend": resolve_backend(device)[0],
     }
     load_start = os.getloadavg()[0]
     main_rows = main_table(args, timing)

@@ -4,17 +4,32 @@
 
 with mamba_ssm's `selective_scan_fn` arguments. `selective_scan` dispatches to the fused CUDA
 kernel of mamba_ssm when it is installed and the tensors are on a GPU, and to the chunked
-pure-PyTorch scan otherwise; `selective_scan_ref` is the token-by-token definition.
+pure-PyTorch scan otherwise; `set_backend` makes the choice for the whole process and
+`resolve_backend` says which one a device gets and why; `selective_scan_ref` is the token-by-token
+definition. `causal_conv1d` is Mamba's causal conv1d, with the causal-conv1d kernel when it loads.
+`python -m selective_scan` reports which kernels load (and checks them on a GPU).
 """
 
 from .chunked import selective_scan_chunked
-from .dispatch import BACKENDS, mamba_ssm_available, selective_scan
+from .conv import causal_conv1d
+from .dispatch import (
+    BACKENDS,
+    get_backend,
+    mamba_ssm_available,
+    resolve_backend,
+    selective_scan,
+    set_backend,
+)
 from .reference import selective_scan_ref
 
 __all__ = [
     "BACKENDS",
+    "causal_conv1d",
+    "get_backend",
     "mamba_ssm_available",
+    "resolve_backend",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",
+    "set_backend",
 ]

@@ -2,11 +2,19 @@
 
 "mamba_ssm" is the fused CUDA kernel of the Mamba authors (`selective_scan_fn`); "torch" is the
 chunked pure-PyTorch scan of this package, which runs anywhere. "auto" takes the kernel when it
-loads and the tensors are on a GPU, and falls back to "torch" otherwise, silently: a CPU-only
-install must never fail because the optional kernels are missing.
+loads and the tensors are on a GPU, and falls back to "torch" otherwise: silently for CPU tensors
+(a CPU-only install must never fail because the optional kernels are missing), with one warning
+for CUDA tensors (a GPU without the kernel trains many times slower).
+
+The models call `selective_scan(...)` without a backend, so the choice is process-wide:
+`set_backend()` sets it (train.py's --scan-backend), `resolve_backend()` says what a device gets
+and why. The scan always runs with autocast off: its state and the weights A, D, delta_bias stay in
+float32 under bf16/fp16 training (low-precision states are where Mamba's NaNs come from).
 """
 
+import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,8 +23,9 @@ from torch import Tensor
 from .chunked import selective_scan_chunked
 
 BACKENDS = ("auto", "torch", "mamba_ssm")
-INSTALL_HINT = "pip install --no-build-isolation -r requirements-cuda.txt"  # needs a GPU and CUDA
+INSTALL_HINT = "source scripts/setup_cuda.sh"  # builds mamba-ssm and causal-conv1d (GPU + nvcc)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA kernel accepts
+_backend = "auto"  # process-wide: see set_backend
 
 
 @functools.cache
@@ -35,6 +44,57 @@ def load_mamba_kernel() -> tuple[Callable | None, str]:
 def mamba_ssm_available() -> bool:
     """True when mamba_ssm's compiled selective scan kernel imports."""
     return load_mamba_kernel()[0] is not None
+
+
+def set_backend(backend: str) -> None:
+    """The backend of every later `selective_scan` call that names none (default "auto")."""
+    global _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _backend = backend
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> tuple[str, str]:
+    """(backend that scans tensors on `device` will use, why), for `backend` or the process-wide
+    setting. RuntimeError, saying what to install or change, where "mamba_ssm" cannot run."""
+    backend = backend or _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    kernel, why_not = load_mamba_kernel()
+    if backend == "torch":
+        return "torch", "the PyTorch scan was asked for (--scan-backend torch)"
+    if backend == "mamba_ssm":
+        if kernel is None:
+            raise RuntimeError(
+                f"the mamba_ssm backend needs mamba_ssm's compiled kernel, which did not load "
+                f"({why_not}). On a machine with an NVIDIA GPU and CUDA, install it with "
+                f"`{INSTALL_HINT}`; elsewhere use the torch backend."
+            )
+        if not on_cuda:
+            raise RuntimeError(f"the mamba_ssm backend runs on CUDA tensors, this run is on "
+                               f"{device}; use the torch backend")
+        return "mamba_ssm", "mamba_ssm's kernel was asked for and loads"
+    if not on_cuda:
+        return "torch", f"auto: tensors on {device}, mamba_ssm's kernel runs on CUDA only"
+    if kernel is not None:
+        return "mamba_ssm", "auto: mamba_ssm's kernel loads and the tensors are on CUDA"
+    return "torch", f"auto: mamba_ssm's kernel did not load ({why_not}); install it with " \
+                    f"`{INSTALL_HINT}`"
+
+
+@functools.cache
+def warn_slow_path() -> None:
+    """Once per process: "auto" met (or will meet) CUDA tensors without the kernel."""
+    warnings.warn(
+        f"selective_scan: mamba_ssm's kernel did not load ({load_mamba_kernel()[1]}), so the "
+        f"PyTorch scan runs on the GPU: many times slower, with (B, Di, L, N) tensors in memory. "
+        f"Install the kernel with `{INSTALL_HINT}`, or choose this path knowingly with "
+        f"--scan-backend torch.", RuntimeWarning, stacklevel=3)
 
 
 def check_shapes(
@@ -82,32 +142,37 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> Tensor:
     """Mamba's selective scan (Gu & Dao 2023, eq. 2a/2b, output gated by silu(z)) with the
     arguments of mamba_ssm's `selective_scan_fn`. Returns (batch, Di, L) in u's dtype.
 
     backend: "torch" (chunked PyTorch, any device), "mamba_ssm" (CUDA kernel; RuntimeError where
-    it cannot run), or "auto" (the kernel for CUDA tensors when it loads, else "torch").
+    it cannot run), "auto" (the kernel for CUDA tensors when it loads, else "torch"), or None for
+    the process-wide setting (`set_backend`, default "auto").
     """
+    backend = backend or _backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    kernel_fits = u.is_cuda and u.dtype in KERNEL_DTYPES
-    if backend == "torch" or (backend == "auto" and not (kernel_fits and mamba_ssm_available())):
+    device = u.device.type  # float32 state and weights under autocast, always (no meta autocast)
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else contextlib.nullcontext()):
+        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
+
+
+def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str) -> Tensor:
+    if backend == "auto":
+        backend = resolve_backend(u.device, "auto")[0] if u.dtype in KERNEL_DTYPES else "torch"
+        if u.is_cuda and not mamba_ssm_available():
+            warn_slow_path()
+    if backend == "torch":
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    kernel, why_not = load_mamba_kernel()
-    if kernel is None:
-        raise RuntimeError(
-            f"backend='mamba_ssm' needs mamba_ssm's compiled kernel, which did not load "
-            f"({why_not}). On a machine with an NVIDIA GPU and CUDA, install it with "
-            f"`{INSTALL_HINT}`; elsewhere use backend='torch'."
-        )
-    if not kernel_fits:
-        raise RuntimeError(
-            f"backend='mamba_ssm' runs on CUDA tensors of dtype float32/float16/bfloat16, got "
-            f"{u.dtype} on {u.device}; move the tensors to a GPU or use backend='torch'."
-        )
+    resolve_backend(u.device, "mamba_ssm")  # RuntimeError where the kernel cannot run
+    if u.dtype not in KERNEL_DTYPES:
+        raise RuntimeError(f"backend='mamba_ssm' takes float32/float16/bfloat16 tensors, got "
+                           f"{u.dtype}; use backend='torch'")
+    kernel = load_mamba_kernel()[0]
     # The kernel takes activations in u's dtype and the weights A, D, delta_bias in float32.
     return kernel(
         u,

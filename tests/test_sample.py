@@ -216,6 +216,7 @@ def test_text_conditional_latent_gaussian_checkpoint_with_guidance(tmp_path):
     (["--class-labels", "0,2"], "--class-labels 2 is not a class"),
     (["--captions", "captions.txt"], "--captions needs a text-conditional checkpoint"),
     (["--respacing", "ddim10"], "--respacing is for Gaussian diffusion"),
+    (["--scan-backend", "mamba_ssm"], "--scan-backend mamba_ssm: the mamba_ssm backend"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(experiment, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):

@@ -145,7 +145,7 @@ def test_missing_kernel_explicit_request_says_what_to_install(monkeypatch, fresh
     monkeypatch.setitem(sys.modules, "selective_scan_cuda", None)  # any import of it now fails
     inputs = make_inputs(5)
     assert not dispatch.mamba_ssm_available()
-    with pytest.raises(RuntimeError, match="requirements-cuda.txt"):
+    with pytest.raises(RuntimeError, match="scripts/setup_cuda.sh"):
         selective_scan(**inputs, backend="mamba_ssm")
     torch.testing.assert_close(selective_scan(**inputs), scan_by_token(**inputs))  # auto
 

@@ -101,6 +101,7 @@ def test_pixel_space_run_writes_checkpoints_samples_and_logs(images, tmp_path):
     assert grid.size == (8 * 8 + 9 * 2, 2 * 8 + 3 * 2)  # 8 x 2 samples, save_image's 2px padding
     assert len(logged_losses(exp)) == 3
     assert list((exp / "tensorboard").rglob("events.out.tfevents*"))
+    assert "Selective scan backend: torch (auto: tensors on cpu" in (exp / "log.txt").read_text()
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, features, tmp_path):
@@ -166,6 +167,7 @@ def test_text_conditional_with_guided_grid_and_fid(features, tmp_path):
     (["--num-classes", "3"], "--num-classes 3 but .* has 2 class folders"),
     (["--image-size", "9"], "--image-size 9 .* must be divisible by 2"),
     (["--vae", "ema", "--channels", "1"], "use --vae none"),
+    (["--scan-backend", "mamba_ssm"], "--scan-backend mamba_ssm: the mamba_ssm backend"),
 ])
 def test_bad_input_is_refused_before_training(images, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
@@ -199,32 +201,57 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(images, tmp_path)
     assert (checkpoints[0] / "meta.json").is_file()
 
 
+def test_non_finite_weights_are_never_checkpointed(images, tmp_path):
+    # An infinite learning rate: the loss of step 1 is finite, the weights after it are not.
+    with pytest.raises(SystemExit, match="weights are not finite after step 1; stopping. "
+                                         "Last good checkpoint: none"):
+        run(images, tmp_path, "--lr", "inf", "--ckpt-every", "1", "--log-every", "10")
+    assert not any((tmp_path / "000-USM-T-1" / "checkpoints").iterdir())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_with_the_authors_command_line(images, features, tmp_path):
-    # SPEC.md's training command as written (model and size adapted to CPU, and --sample-every
-    # 2 so that the run reaches it) on two processes: grid + FID of the EMA on the val split at
-    # every --sample-every, a best/ checkpoint, --samples as FID batches, dead flags accepted.
-    # accelerate 1.15 starts several CPU processes only through its multi-process (torchrun)
-    # launcher; ACCELERATE_USE_CPU makes them use CPU + gloo.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def launch_command(images: Path, results: Path, features: Path, *launcher: str) -> list[str]:
+    """accelerate launch of train.py with SPEC.md's training command as written (model and size
+    adapted to CPU, --sample-every 2 so that the run reaches it, a tiny FID network), on CPUs.
+    accelerate 1.15 starts several CPU processes only through its multi-process (torchrun)
+    launcher; ACCELERATE_USE_CPU (in LAUNCH_ENV) makes them use CPU + gloo."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+              *launcher]
     authors = ["--model", "USM-T/1", "--data-path", str(images), "--batch_size", "2",
-               "--num-classes", "0", "--results_dir", str(tmp_path), "--learn_pos_emb",
+               "--num-classes", "0", "--results_dir", str(results), "--learn_pos_emb",
                "--sample-every", "2", "--ckpt-every", "2", "--use_ckpt", "--sampling", "log",
                "--use_convtranspose", "--skip_conn", "--samples", "1", "--experiment_dir", "x"]
     tiny = ["--vae", "none", "--image-size", "8", "--stages", "1", "--max-steps", "4",
             "--num-workers", "0", "--report-to", "none", "--inception", str(features)]
-    result = subprocess.run([*launch, "train.py", *authors, *tiny], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    return [*launch, "train.py", *authors, *tiny]
+
+
+LAUNCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
+              "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def two_processes(images, features, tmp_path_factory) -> Path:
+    """The experiment folder of a 2-process run on one machine."""
+    results = tmp_path_factory.mktemp("two-processes")
+    command = launch_command(images, results, features, "--num_machines", "1",
+                             "--main_process_port", str(free_port()))
+    result = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    exp = tmp_path / "000-USM-T-1"
+    return results / "000-USM-T-1"
+
+
+def test_two_cpu_processes_with_the_authors_command_line(two_processes):
+    # Grid + FID of the EMA on the val split at every --sample-every, a best/ checkpoint,
+    # --samples as FID batches, dead flags accepted.
+    exp = two_processes
     folder = exp / "checkpoints" / "step-0000004"
     assert (folder / "random_states_0.pkl").is_file() and (folder / "random_states_1.pkl").is_file()
     log = (exp / "log.txt").read_text()
@@ -238,3 +265,26 @@ def test_two_cpu_processes_with_the_authors_command_line(images, features, tmp_p
     assert (exp / "samples" / "step-0000002.png").is_file()
     assert (exp / "samples" / "step-0000004.png").is_file()
     assert np.isfinite(logged_losses(exp)).all()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
+def test_two_machines_equal_two_processes_on_one(images, features, two_processes, tmp_path):
+    """Two launchers, machine ranks 0 and 1, one process each, meeting over 127.0.0.1: the
+    multi-node launch of the README, on one host."""
+    port = str(free_port())
+    machines = [subprocess.Popen(
+        launch_command(images, tmp_path, features, "--num_machines", "2", "--machine_rank",
+                       str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port),
+        cwd=REPO, env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+    for machine, output in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, output[-3000:]
+    exp = tmp_path / "000-USM-T-1"
+    for step in ("step-0000002", "step-0000004"):
+        expected = checkpoint_state(two_processes / "checkpoints" / step)
+        got = checkpoint_state(exp / "checkpoints" / step)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (step, key)
+    assert logged_losses(exp) == logged_losses(two_processes)
