@@ -13,9 +13,9 @@ download never leaves a file that looks complete.
 import argparse
 import gzip
 import hashlib
-import json
 import math
 import os
+import pickle
 import struct
 import tempfile
 import urllib.error
@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
+
+from checkpoints import META_FILE, CheckpointError, read_meta, verify_checkpoint
 
 #################################################################################
 #                                  Checkpoints                                  #
@@ -37,13 +40,40 @@ from tqdm import tqdm
 # the first object registered for checkpointing, saved by accelerate as custom_checkpoint_0.pkl.
 EMA_FILE = "custom_checkpoint_0.pkl"
 MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
 
 
 def _torch_load(path: Path, **kwargs) -> dict:
+    """A .pt file's dict; CheckpointError naming the file when it is none."""
     # DiT-style .pt files store args as an argparse.Namespace: allow that class, no other pickle.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a checkpoint this code reads (torch.load: "
+                              f"{str(err).strip().splitlines()[0]})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint this code reads: it holds a "
+                              f"{type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def _state_dict(state_dict: dict, path: Path) -> dict[str, torch.Tensor]:
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} is not a checkpoint this code reads: no state dict (a dict "
+                              "of tensors) in it")
+    return state_dict
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's weights file, after checking it against the folder's checksums."""
+    if (path.parent / META_FILE).exists():  # a bare accelerate save_state folder has none
+        verify_checkpoint(path.parent, [path.name])
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except SafetensorError as err:  # damaged in a checkpoint saved without checksums
+            raise CheckpointError(f"{path} is damaged: {err}") from err
+    return _state_dict(_torch_load(path), path)
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -63,37 +93,38 @@ def find_model(name_or_path: str | os.PathLike, weights: str = "ema") -> dict[st
     Accepts a checkpoint folder written by train.py (custom_checkpoint_0.pkl = EMA,
     model.safetensors = model) or a .pt file (a dict with "ema" and/or "model", or a bare state
     dict). We publish no pretrained USM weights, so unlike DiT's find_model there are no names to
-    download.
+    download. A damaged file, or one that holds no state dict, is a CheckpointError naming it.
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = _existing(name_or_path)
     if path.is_dir():
         if weights == "ema" and (path / EMA_FILE).exists():
-            return _torch_load(path / EMA_FILE)
+            return _load_weights_file(path / EMA_FILE)
         if (path / MODEL_FILE).exists():
-            return load_file(path / MODEL_FILE)
+            return _load_weights_file(path / MODEL_FILE)
         raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
             f" nor {EMA_FILE} (EMA)" if weights == "ema" else ""))
     checkpoint = _torch_load(path)
     for key in ("ema", "model") if weights == "ema" else ("model",):
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
+            return _state_dict(checkpoint[key], path)
     if weights == "model" and "ema" in checkpoint:
         raise KeyError(f"{path} has no 'model' weights, only 'ema'")
-    return checkpoint
+    return _state_dict(checkpoint, path)
 
 
 def load_checkpoint_meta(path: str | os.PathLike) -> dict | None:
     """What a checkpoint says about how it was made, or None when it says nothing.
 
     A folder's meta.json ({"model", "step", "args", "model_kwargs"}), or the same keys taken from a
-    .pt file ("model" from args["model"] as DiT's checkpoints store it).
+    .pt file ("model" from args["model"] as DiT's checkpoints store it). A damaged meta.json or a
+    file that is no checkpoint is a CheckpointError naming it.
     """
     path = _existing(path)
     if path.is_dir():
         meta_file = path / META_FILE
-        return json.loads(meta_file.read_text()) if meta_file.exists() else None
+        return read_meta(path) if meta_file.exists() else None
     checkpoint = _torch_load(path, mmap=True)  # mmap: the weights are not read into memory
     meta = {key: checkpoint[key] for key in ("step", "args", "model_kwargs") if key in checkpoint}
     if isinstance(meta.get("args"), argparse.Namespace):

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from checkpoints import CheckpointError, newest_verified
 from cli import add_option, add_switch, fail, int_list, positive_int, stage_list
 from diffusion import RectifiedFlow, create_diffusion
 from download import find_model, load_checkpoint_meta, save_png
@@ -130,7 +132,12 @@ def resolve_checkpoint(path: str) -> Path:
         steps = step_checkpoints(path)
         if not steps:
             raise fail(f"--ckpt {path}: the experiment has no complete checkpoint yet")
-        return steps[-1]
+        damaged = []
+        if (newest := newest_verified(steps, damaged.append)) is None:
+            raise fail(f"--ckpt {path}: every checkpoint is damaged:\n  " + "\n  ".join(damaged))
+        for message in damaged:
+            print(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)
+        return newest
     return path
 
 
@@ -204,22 +211,57 @@ def create_model(options: argparse.Namespace, meta: dict, vae, text_encoder) -> 
     return model
 
 
-def load_weights(model: nn.Module, name: str, ckpt: Path, weights: str) -> nn.Module:
-    """Load --weights into the model, naming every key or shape that does not fit."""
+def read_weights(ckpt: Path, weights: str) -> dict[str, torch.Tensor]:
+    """--weights of the checkpoint, checked against its checksums: a damaged file, or one that is
+    no checkpoint, is refused by name."""
     try:
-        state_dict = find_model(ckpt, weights)
+        return find_model(ckpt, weights)
     except KeyError as err:
         raise fail(f"{err.args[0]}; use --weights ema") from err
-    expected = model.state_dict()
+    except CheckpointError as err:
+        raise fail(f"--ckpt: {err}") from err
+
+
+def weight_problems(state_dict: dict, expected: dict, shapes: bool = True) -> list[str]:
+    """Every key, and with `shapes` every shape, in which a state dict differs from a model's."""
     problems = [f"missing {k}" for k in sorted(expected.keys() - state_dict.keys())]
     problems += [f"unexpected {k}" for k in sorted(state_dict.keys() - expected.keys())]
     problems += [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
                  for k in sorted(expected.keys() & state_dict.keys())
-                 if state_dict[k].shape != expected[k].shape]
+                 if shapes and state_dict[k].shape != expected[k].shape]
+    return problems
+
+
+def refuse_other_model(problems: list[str], ckpt: Path, name: str) -> None:
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         raise fail(f"{ckpt} holds weights of another model than the {name} this command builds "
                    f"({len(problems)} differences):\n  {shown}")
+
+
+def check_weights_early(state_dict: dict, options: argparse.Namespace, meta: dict, text: bool,
+                        ckpt: Path) -> None:
+    """Refuse weights of another model before any encoder loads. The model is built on PyTorch's
+    meta device (no memory). Without recorded kwargs, its channels, input size and text width come
+    from the encoders; stand-ins take their place, and as they change shapes but not names, only
+    the names are compared then."""
+    with torch.device("meta"):
+        if "model_kwargs" in meta:
+            model, exact = All_models[options.model](**meta["model_kwargs"]), True
+        else:
+            try:
+                model, _ = build_model(options, options.channels or 3, options.image_size,
+                                       64 if text else None)
+            except ValueError:  # the size is checked, and named, once the VAE is known
+                return
+            exact = options.vae == "none" and not text
+    refuse_other_model(weight_problems(state_dict, model.state_dict(), shapes=exact), ckpt,
+                       options.model)
+
+
+def load_weights(model: nn.Module, name: str, ckpt: Path, state_dict: dict) -> nn.Module:
+    """Load the weights into the model, naming every key or shape that does not fit."""
+    refuse_other_model(weight_problems(state_dict, model.state_dict()), ckpt, name)
     model.load_state_dict(state_dict)
     return model.eval().requires_grad_(False)
 
@@ -410,10 +452,15 @@ def main(args: argparse.Namespace) -> Path:
     """Sample as configured; returns the sample folder."""
     # Everything that can be refused is checked before any model is loaded.
     ckpt = resolve_checkpoint(args.ckpt)
-    meta = load_checkpoint_meta(ckpt) or {}
+    try:
+        meta = load_checkpoint_meta(ckpt) or {}
+    except CheckpointError as err:
+        raise fail(f"--ckpt: {err}") from err
+    state_dict = read_weights(ckpt, args.weights)
     options = model_options(args, meta)
     text = (meta["model_kwargs"].get("context_dim") is not None if "model_kwargs" in meta
             else args.captions is not None)  # a bare state dict: the flags say what it is
+    check_weights_early(state_dict, options, meta, text, ckpt)
     labels = check_conditions(args, options.num_classes, text)
     captions = read_captions(args.captions) if args.captions else None
     sampler, sampler_name = create_sampler(args, options.objective)
@@ -430,7 +477,7 @@ def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.global_seed * state.num_processes + state.process_index)
     vae, text_encoder = load_encoders(options, text, state.device)
     model = create_model(options, meta, vae, text_encoder)
-    model = load_weights(model, options.model, ckpt, args.weights).to(state.device)
+    model = load_weights(model, options.model, ckpt, state_dict).to(state.device)
     in_channels, (input_size, _) = model.in_channels, model.input_size  # train.py's are square
     generate = ImageSampler(model, sampler, vae, text_encoder, in_channels, input_size,
                             args.cfg_scale)
