@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 META_FILE = "meta.json"
 FILES_KEY, SELF_KEY = "files", "meta_sha256"
 
@@ -125,10 +127,11 @@ def folder_bytes(folder: Path) -> int:
 
 def is_write_error(err: BaseException) -> bool:
     """An error of the disk rather than of the program: OSError (no space, read-only, quota), or
-    PyTorch's zip writer, which reports a failed write (no space included) as a RuntimeError."""
+    what PyTorch's zip writer (a RuntimeError) and safetensors make of one."""
+    message = str(err)
     return isinstance(err, OSError) or (
-        isinstance(err, RuntimeError) and any(s in str(err) for s in (
-            "inline_container", "PytorchStreamWriter")))
+        isinstance(err, RuntimeError) and "inline_container" in message) or (
+        isinstance(err, SafetensorError) and "I/O error" in message)
 
 
 def abandon_save(err: BaseException, partial: Path, last: Path | None) -> str:
@@ -140,7 +143,7 @@ def abandon_save(err: BaseException, partial: Path, last: Path | None) -> str:
     if isinstance(err, OSError):
         reason = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
     else:
-        reason = f"PyTorch could not write a file: {str(err).splitlines()[0]}"
+        reason = f"a file could not be written ({str(err).splitlines()[0]})"
     needs = (f"a checkpoint needs about {_megabytes(folder_bytes(last))}" if last is not None
              else f"a checkpoint needs more than the {_megabytes(written)} written")
     try:

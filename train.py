@@ -241,7 +241,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, meta: dict) -> None:
                 shutil.rmtree(old)
             else:
                 tmp.rename(folder)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:
         if not is_write_error(err):
             raise
         last = newest_verified(step_checkpoints(folder.parent.parent), logger.warning)
