@@ -144,10 +144,13 @@ def abandon_save(err: BaseException, partial: Path, last: Path | None) -> str:
         reason = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
     else:
         reason = f"a file could not be written ({str(err).splitlines()[0]})"
-    needs = (f"a checkpoint needs about {_megabytes(folder_bytes(last))}" if last is not None
-             else f"a checkpoint needs more than the {_megabytes(written)} written")
+    need = folder_bytes(last) if last is not None else written
+    needs = (f"a checkpoint needs about {_megabytes(need)}" if last is not None
+             else f"a checkpoint needs more than the {_megabytes(need)} written")
     try:
-        needs += f", {_megabytes(shutil.disk_usage(partial.parent).free)} are free there"
+        free = shutil.disk_usage(partial.parent).free
+        needs += (f", only {_megabytes(free)} are free there (the disk is full)" if free < need
+                  else f", {_megabytes(free)} are free there")
     except OSError:
         pass
     previous = (f"the last complete checkpoint is {last}: free some space and run the same "

@@ -9,7 +9,8 @@ Every option is accepted with dashes and with underscores (--batch-size / --batc
 writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tensorboard/ and
 checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; README "Checkpoints"). A run
 started again with the same --results-dir and --model resumes the newest experiment from its latest
-complete checkpoint, exactly where it stopped (same data order and random draws).
+checkpoint that verifies against its checksums, exactly where it stopped (same data order and
+random draws).
 
 Several processes on CPUs (gloo): accelerate 1.15's `--cpu` launcher starts one process unless
 mpirun is set up, so use its torchrun launcher with the CPU forced:
