@@ -5,8 +5,10 @@ role of DiT's sample_ddp.py).
       --learn_pos_emb --use_convtranspose --ckpt <ckpt-path> --num_samples 1000 --skip_conn
 
 --ckpt is a checkpoint folder (<experiment>/checkpoints/step-0010000 or best), an experiment folder
-(its latest checkpoint) or a .pt file. The model is rebuilt from what the checkpoint records
-(meta.json); the model options above may be left out, and when given they must agree with it.
+(its newest checkpoint that verifies) or a .pt file. The model is rebuilt from what the checkpoint
+records (meta.json); the model options above may be left out, and when given they must agree with
+it. A damaged checkpoint (checksums in meta.json), or a file that holds no checkpoint of these
+models, is refused by name before any encoder loads.
 
 Output: <sample-dir>/000000.png, 000001.png, ... and <sample-dir>.npz, whose arr_0 is the uint8
 (N, H, W, 3) array the ADM / DiT evaluation suite reads. Grayscale samples are stored there with
