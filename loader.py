@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import os
 import re
@@ -33,9 +32,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, base, nodes
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from checkpoints import META_FILE, CheckpointError, read_meta, verify_checkpoint
 from models import USM, All_models, Zigma, sincos_pos_embed
 
 USM_AUTHORS, ZIGMA_COMPVIS, OURS = "usm-authors", "zigma-compvis", "ours"
@@ -50,23 +51,32 @@ _SAFE_GLOBALS = [argparse.Namespace, DictConfig, ListConfig, base.ContainerMetad
                  collections.defaultdict, dict, list, int, float, str, bool]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as any model we know, with what did not match."""
-
-
 #################################################################################
 #                                Reading files                                   #
 #################################################################################
 
 
-def torch_load(path: str | os.PathLike, **kwargs) -> dict:
-    """torch.load of a checkpoint pickle, allowing only tensors and the args classes above."""
+def torch_load(path: str | os.PathLike) -> dict:
+    """torch.load of a checkpoint pickle (a dict), allowing only tensors and the args classes
+    above; CheckpointError naming the file when it is none."""
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and format errors all mean "not a checkpoint we read"
-        raise CheckpointError(f"{path} is not a checkpoint this repository can read: {err}"
-                              ) from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is not a checkpoint this code reads (torch.load: "
+                              f"{first_line})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint this code reads: it holds a "
+                              f"{type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as err:  # damaged in a checkpoint saved without checksums
+        raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
 def _plain(args: object) -> dict:
@@ -375,39 +385,44 @@ def build_model(name: str, model_kwargs: dict) -> nn.Module:
 # What train.py's checkpoint folders hold (accelerate's save_state names; README "Checkpoints"):
 # the EMA is the first object registered for checkpointing. The authors' save_state folders
 # prepare the EMA as a second model instead.
-MODEL_FILE, EMA_FILE, META_FILE = "model.safetensors", "custom_checkpoint_0.pkl", "meta.json"
+MODEL_FILE, EMA_FILE = "model.safetensors", "custom_checkpoint_0.pkl"
 AUTHORS_EMA_FILE = "model_1.safetensors"
 
 
 def _read_folder(path: Path, weights: str) -> dict[str, torch.Tensor]:
     """The state dict of a save_state folder: the EMA (ours, else the authors') when asked and
-    there, else the model."""
-    if weights == "ema":
-        if (path / EMA_FILE).exists():
-            return torch_load(path / EMA_FILE)
-        if (path / AUTHORS_EMA_FILE).exists():
-            return load_file(path / AUTHORS_EMA_FILE)
-    if (path / MODEL_FILE).exists():
-        return load_file(path / MODEL_FILE)
-    raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
-        f" nor {EMA_FILE} / {AUTHORS_EMA_FILE} (EMA)" if weights == "ema" else ""))
+    there, else the model; checked against the folder's checksums when it has a meta.json."""
+    names = [EMA_FILE, AUTHORS_EMA_FILE] if weights == "ema" else []
+    name = next((n for n in [*names, MODEL_FILE] if (path / n).exists()), None)
+    if name is None:
+        raise FileNotFoundError(f"{path} has no {MODEL_FILE}" + (
+            f" nor {EMA_FILE} / {AUTHORS_EMA_FILE} (EMA)" if weights == "ema" else ""))
+    if (path / META_FILE).exists():  # the authors' save_state folders have none
+        verify_checkpoint(path, [name])
+    if name.endswith(".safetensors"):
+        return _load_safetensors(path / name)
+    return _state_dict(torch_load(path / name), path / name)
+
+
+def _state_dict(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a checkpoint this code reads: no state dict (a dict "
+                              "of tensors) in it")
+    return state
 
 
 def _read_file(path: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(what the file records besides weights, the chosen state dict) of a .pt file:
     {"ema", "model", "opt", "args", ...} or a bare state dict."""
     raw = torch_load(path)
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint")
     keys = ("ema", "model") if weights == "ema" else ("model",)
     state = next((raw[k] for k in keys if isinstance(raw.get(k), dict)), None)
     if state is None:
         if weights == "model" and isinstance(raw.get("ema"), dict):
             raise KeyError(f"{path} has no 'model' weights, only 'ema'")
         state, raw = raw, {}  # a bare state dict
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {k: v for k, v in raw.items() if k not in ("model", "ema", "opt")}, state
+    return ({k: v for k, v in raw.items() if k not in ("model", "ema", "opt")},
+            _state_dict(state, path))
 
 
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict, dict]:
@@ -422,8 +437,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
         raise FileNotFoundError(f"Checkpoint {path} not found: give a .pt file or a checkpoint "
                                 "folder, e.g. results/000-USM-B-1/checkpoints/step-0010000")
     if path.is_dir():
-        meta_file = path / META_FILE
-        raw = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        raw = read_meta(path) if (path / META_FILE).exists() else {}
         state = _read_folder(path, weights)
     else:
         raw, state = _read_file(path, weights)

@@ -5,8 +5,10 @@ role of DiT's sample_ddp.py).
       --learn_pos_emb --use_convtranspose --ckpt <ckpt-path> --num_samples 1000 --skip_conn
 
 --ckpt is a checkpoint folder (<experiment>/checkpoints/step-0010000 or best), an experiment folder
-(its latest checkpoint) or a .pt file. The model is rebuilt from what the checkpoint records
-(meta.json); the model options above may be left out, and when given they must agree with it.
+(its newest checkpoint that verifies) or a .pt file. The model is rebuilt from what the checkpoint
+records (meta.json); the model options above may be left out, and when given they must agree with
+it. A damaged checkpoint (checksums in meta.json), or a file that holds no checkpoint of these
+models, is refused by name before any encoder loads.
 
 Output: <sample-dir>/000000.png, 000001.png, ... and <sample-dir>.npz, whose arr_0 is the uint8
 (N, H, W, 3) array the ADM / DiT evaluation suite reads. Grayscale samples are stored there with
@@ -26,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from checkpoints import CheckpointError, newest_verified
 from cli import (
     ENCODER_OPTIONS,
     MODEL_DEFAULTS,
@@ -53,7 +57,7 @@ from cli import (
 from diffusion import RectifiedFlow, create_diffusion
 from download import save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
-from loader import AUTHORS_T_MIN, USM_AUTHORS, CheckpointError, build_model, load_checkpoint
+from loader import AUTHORS_T_MIN, USM_AUTHORS, build_model, load_checkpoint
 from sampling import SAMPLE_STEPS, ImageSampler, step_checkpoints, to_uint8
 from sampling import build_model as build_model_from_options
 
@@ -133,7 +137,12 @@ def resolve_checkpoint(path: str) -> Path:
         steps = step_checkpoints(path)
         if not steps:
             raise fail(f"--ckpt {path}: the experiment has no complete checkpoint yet")
-        return steps[-1]
+        damaged = []
+        if (newest := newest_verified(steps, damaged.append)) is None:
+            raise fail(f"--ckpt {path}: every checkpoint is damaged:\n  " + "\n  ".join(damaged))
+        for message in damaged:
+            print(f"{Path(sys.argv[0]).name}: warning: {message}", file=sys.stderr)
+        return newest
     return path
 
 
@@ -207,19 +216,46 @@ def create_model(options: argparse.Namespace, meta: dict, vae, text_encoder) -> 
     return model
 
 
-def load_weights(model: nn.Module, state_dict: dict, name: str, ckpt: Path) -> nn.Module:
-    """Load the checkpoint's weights into the model, naming every key or shape that does not
-    fit."""
-    expected = model.state_dict()
+def weight_problems(state_dict: dict, expected: dict, shapes: bool = True) -> list[str]:
+    """Every key, and with `shapes` every shape, in which a state dict differs from a model's."""
     problems = [f"missing {k}" for k in sorted(expected.keys() - state_dict.keys())]
     problems += [f"unexpected {k}" for k in sorted(state_dict.keys() - expected.keys())]
     problems += [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
                  for k in sorted(expected.keys() & state_dict.keys())
-                 if state_dict[k].shape != expected[k].shape]
+                 if shapes and state_dict[k].shape != expected[k].shape]
+    return problems
+
+
+def refuse_other_model(problems: list[str], ckpt: Path, name: str) -> None:
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         raise fail(f"{ckpt} holds weights of another model than the {name} this command builds "
                    f"({len(problems)} difference{'s' if len(problems) > 1 else ''}):\n  {shown}")
+
+
+def check_weights_early(state_dict: dict, options: argparse.Namespace, meta: dict, text: bool,
+                        ckpt: Path) -> None:
+    """Refuse weights of another model before any encoder loads. The model is built on PyTorch's
+    meta device (no memory). Without recorded kwargs, its channels, input size and text width come
+    from the encoders; stand-ins take their place, and as they change shapes but not names, only
+    the names are compared then."""
+    with torch.device("meta"):
+        if "model_kwargs" in meta:
+            model, exact = build_model(meta["model"], meta["model_kwargs"]), True
+        else:
+            try:
+                model, _ = build_model_from_options(options, options.channels or 3,
+                                                    options.image_size, 64 if text else None)
+            except ValueError:  # the size is checked, and named, once the VAE is known
+                return
+            exact = options.vae == "none" and not text
+    refuse_other_model(weight_problems(state_dict, model.state_dict(), shapes=exact), ckpt,
+                       options.model)
+
+
+def load_weights(model: nn.Module, name: str, ckpt: Path, state_dict: dict) -> nn.Module:
+    """Load the weights into the model, naming every key or shape that does not fit."""
+    refuse_other_model(weight_problems(state_dict, model.state_dict()), ckpt, name)
     model.load_state_dict(state_dict)
     return model.eval().requires_grad_(False)
 
@@ -414,10 +450,10 @@ def main(args: argparse.Namespace) -> Path:
     # Everything that can be refused is checked before any model is loaded.
     scan_backend = use_scan_backend(args.scan_backend, PartialState().device)
     ckpt = resolve_checkpoint(args.ckpt)
-    try:  # ours, the USM authors' or CompVis', converted to our names
+    try:  # ours, the USM authors' or CompVis', converted to our names and checksum-verified
         meta, state_dict = load_checkpoint(ckpt, args.weights)
     except CheckpointError as err:
-        raise fail(str(err)) from err
+        raise fail(f"--ckpt: {err}") from err
     except KeyError as err:
         raise fail(f"{err.args[0]}; use --weights ema") from err
     options = model_options(args, meta)
@@ -425,6 +461,7 @@ def main(args: argparse.Namespace) -> Path:
             else args.captions is not None)  # a bare state dict: the flags say what it is
     if args.has_text and not text:
         raise fail(f"--has_text, but {ckpt} is not text-conditional")
+    check_weights_early(state_dict, options, meta, text, ckpt)
     labels = check_conditions(args, options.num_classes, text)
     captions = read_captions(args.captions) if args.captions else None
     sampler, sampler_name = create_sampler(args, options.objective, meta.get("source", ""))
@@ -444,7 +481,7 @@ def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.global_seed * state.num_processes + state.process_index)
     vae, text_encoder = load_encoders(options, text, state.device)
     model = create_model(options, meta, vae, text_encoder)
-    model = load_weights(model, state_dict, options.model, ckpt).to(state.device)
+    model = load_weights(model, options.model, ckpt, state_dict).to(state.device)
     in_channels, (input_size, _) = model.in_channels, model.input_size  # train.py's are square
     generate = ImageSampler(model, sampler, vae, text_encoder, in_channels, input_size,
                             args.cfg_scale)

@@ -9,7 +9,8 @@ Every option is accepted with dashes and with underscores (--batch-size / --batc
 writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tensorboard/ and
 checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; README "Checkpoints"). A run
 started again with the same --results-dir and --model resumes the newest experiment from its latest
-complete checkpoint, exactly where it stopped (same data order and random draws).
+checkpoint that verifies against its checksums, exactly where it stopped (same data order and
+random draws).
 
 Several processes on CPUs (gloo): accelerate 1.15's `--cpu` launcher starts one process unless
 mpirun is set up, so use its torchrun launcher with the CPU forced:
@@ -49,6 +50,16 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from checkpoints import (
+    CheckpointError,
+    abandon_save,
+    is_write_error,
+    newest_verified,
+    prune,
+    read_meta,
+    verify_checkpoint,
+    write_meta,
+)
 from cli import (
     add_ignored,
     add_model_options,
@@ -169,55 +180,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #################################################################################
 
 
-def resolve_experiment(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """(experiment folder, checkpoint to resume or None), creating a new folder when needed."""
+def find_resume(args: argparse.Namespace, warn) -> tuple[Path, Path] | None:
+    """(experiment folder, checkpoint) to resume, verified against its checksums; None for a new
+    experiment. Damaged checkpoints are skipped (each named through `warn`) for the newest one that
+    verifies; a checkpoint named with --resume must verify itself."""
     results, name = Path(args.results_dir), args.model.replace("/", "-")
-    if args.resume not in ("auto", "none"):
+    if args.resume == "none":
+        return None
+    if args.resume != "auto":
         path = Path(args.resume)
-        if CHECKPOINT_RE.fullmatch(path.name) and (path / "meta.json").is_file():
+        if CHECKPOINT_RE.fullmatch(path.name):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                raise fail(f"--resume {path}: {err}. Resume from another checkpoint, or pass "
+                           "--resume none to start a new experiment") from err
             return path.parent.parent, path
-        if not step_checkpoints(path):
-            raise fail(f"--resume {path}: no complete checkpoint there")
-        return path, step_checkpoints(path)[-1]
-    pattern = re.compile(rf"(\d+)-{re.escape(name)}")
-    experiments = sorted(
-        (int(m[1]), p) for p in results.glob("*") if (m := pattern.fullmatch(p.name))
-    )
-    if args.resume == "auto":
-        for _, exp_dir in reversed(experiments):
-            if step_checkpoints(exp_dir):
-                return exp_dir, step_checkpoints(exp_dir)[-1]
+        candidates = [path]
+    else:
+        pattern = re.compile(rf"(\d+)-{re.escape(name)}")
+        numbered = sorted((int(m[1]), p) for p in results.glob("*")
+                          if (m := pattern.fullmatch(p.name)))
+        candidates = [p for _, p in numbered]
+    for exp_dir in reversed(candidates):  # the newest experiment that has checkpoints
+        if found := step_checkpoints(exp_dir):
+            damaged = []
+            if (verified := newest_verified(found, damaged.append)) is None:
+                raise fail(f"every checkpoint of {exp_dir} is damaged:\n  " + "\n  ".join(damaged)
+                           + "\nPass --resume none to start a new experiment")
+            for message in damaged:
+                warn(message)
+            return exp_dir, verified
+    if args.resume != "auto":
+        raise fail(f"--resume {args.resume}: no complete checkpoint there")
+    return None
+
+
+def new_experiment(args: argparse.Namespace) -> Path:
+    """<results_dir>/<NNN>-<model>, NNN one more than any experiment there."""
+    results, name = Path(args.results_dir), args.model.replace("/", "-")
     taken = [int(m[1]) for p in results.glob("*") if (m := re.match(r"(\d+)-", p.name))]
-    index = max(taken, default=-1) + 1
-    exp_dir = results / f"{index:03d}-{name}"
+    exp_dir = results / f"{max(taken, default=-1) + 1:03d}-{name}"
     exp_dir.mkdir(parents=True)
-    return exp_dir, None
+    return exp_dir
 
 
 def save_checkpoint(accelerator: Accelerator, folder: Path, meta: dict) -> None:
-    """accelerate's save_state into a hidden sibling, then a rename: a crash mid-write leaves a
-    .tmp-* folder that resuming ignores, never a broken checkpoint under the real name."""
+    """accelerate's save_state into a hidden sibling, checksums into meta.json, then a rename: a
+    crash mid-write leaves a .tmp-* folder that resuming ignores, never a broken checkpoint under
+    the real name. A disk error (no space, read-only, quota) removes the partial folder and stops
+    the run with one line saying what failed and what is left."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():  # best/ is replaced in place
-            old = folder.with_name(f".old-{folder.name}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its own RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_meta(tmp, meta)
+            if folder.exists():  # best/ is replaced in place
+                old = folder.with_name(f".old-{folder.name}")
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        last = newest_verified(step_checkpoints(folder.parent.parent), logger.warning)
+        raise fail(abandon_save(err, tmp, last)) from err
     accelerator.wait_for_everyone()
 
 
 def prune_checkpoints(exp_dir: Path, keep: int) -> None:
-    for folder in step_checkpoints(exp_dir)[:-keep]:
-        shutil.rmtree(folder)
+    """Keep the newest `keep` step checkpoints, and always the newest one that verifies."""
+    prune(step_checkpoints(exp_dir), keep, logger.warning)
 
 
 def setup_logging(exp_dir: Path, is_main: bool) -> None:
@@ -410,6 +449,10 @@ def main(args: argparse.Namespace) -> Path:
     )
     device = accelerator.device
     scan_backend = use_scan_backend(args.scan_backend, device)  # may refuse: before any output
+    # The checkpoint to resume, verified before anything heavy loads.
+    skipped_checkpoints = []
+    resume = find_resume(args, skipped_checkpoints.append) if accelerator.is_main_process else None
+    resume = broadcast_object_list([resume])[0]
 
     # Frozen encoders.
     try:
@@ -438,8 +481,10 @@ def main(args: argparse.Namespace) -> Path:
     set_seed(args.global_seed, device_specific=True)
 
     # The experiment folder: written only now that the inputs have been checked.
-    exp_dir, resume_from = resolve_experiment(args) if accelerator.is_main_process else (None, None)
-    exp_dir, resume_from = broadcast_object_list([exp_dir, resume_from])
+    if resume is None:
+        exp_dir = new_experiment(args) if accelerator.is_main_process else None
+        resume = broadcast_object_list([exp_dir])[0], None
+    exp_dir, resume_from = resume
     ckpt_dir, samples_dir = exp_dir / "checkpoints", exp_dir / "samples"
     if accelerator.is_main_process:
         ckpt_dir.mkdir(exist_ok=True)
@@ -451,6 +496,8 @@ def main(args: argparse.Namespace) -> Path:
     if note := ignored_note(args):
         logger.info(note)
     logger.info(scan_backend)
+    for message in skipped_checkpoints:
+        logger.warning(message)
     logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     # Data.
@@ -490,8 +537,11 @@ def main(args: argparse.Namespace) -> Path:
         check_resumable(resume_from, model_kwargs)
         accelerator.load_state(str(resume_from))
         train_steps = json.loads((resume_from / "meta.json").read_text())["step"]
-        if (ckpt_dir / "best" / "meta.json").is_file():
-            best_fid = json.loads((ckpt_dir / "best" / "meta.json").read_text())["fid"]
+        if (ckpt_dir / "best").is_dir():
+            try:
+                best_fid = read_meta(ckpt_dir / "best")["fid"]
+            except CheckpointError as err:  # the next FID measured replaces it
+                logger.warning(f"{err}; best/ will be replaced")
         logger.info(f"Resumed from {resume_from} at step {train_steps} "
                     "(--resume none starts a new experiment instead)")
 
