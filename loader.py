@@ -170,8 +170,10 @@ def _class_table(table: torch.Tensor, num_classes: int) -> torch.Tensor:
     return table
 
 
-def _top_level(state: dict, take, args: dict, C: int) -> tuple[dict, dict]:
-    """Embedders, conditioning and positional table (the same names in both releases)."""
+def _top_level(state: dict, take, num_classes: int | None, null_row: bool, C: int
+               ) -> tuple[dict, dict]:
+    """Embedders and conditioning (the same names in both releases). The class count is the
+    recorded one, else the table's rows less the null row, when the release trains one."""
     kwargs: dict = {}
     out = {f"x_embedder.proj.{p}": take(f"x_embedder.proj.{p}") for p in ("weight", "bias")}
     for i in (0, 2):
@@ -181,7 +183,7 @@ def _top_level(state: dict, take, args: dict, C: int) -> tuple[dict, dict]:
     kwargs.update(in_channels=in_channels, patch_size=patch, hidden_size=C)
     if "y_embedder.embedding_table.weight" in state:
         table = take("y_embedder.embedding_table.weight")
-        num_classes = int(args.get("num_classes") or table.shape[0] - 1)
+        num_classes = num_classes or table.shape[0] - int(null_row)
         out["cond.y_embedder.weight"] = _class_table(table, num_classes)
         kwargs["num_classes"] = num_classes
     return out, kwargs
@@ -216,7 +218,8 @@ def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
         return state[key]
 
     C = state["x_embedder.proj.weight"].shape[0]
-    out, kwargs = _top_level(state, take, args, C)
+    # The authors' LabelEmbedder trains a null row (label dropout 0.1).
+    out, kwargs = _top_level(state, take, args.get("num_classes"), True, C)
     encoder, decoder = _usm_stages(state)
     stages = [len(blocks) for _, blocks in encoder]
     if [len(blocks) for _, blocks in decoder] != stages[::-1]:
@@ -314,7 +317,8 @@ def _from_zigma_compvis(state: dict, args: dict) -> tuple[str, dict, dict]:
         return state[key]
 
     C = state["x_embedder.proj.weight"].shape[0]
-    out, kwargs = _top_level(state, take, args, C)
+    # CompVis' LabelEmbedder has no label dropout, so no null row.
+    out, kwargs = _top_level(state, take, params.get("num_classes"), False, C)
     depth = len(_indices(state, "blocks"))
     for i in range(depth):
         for name, ours in _ZIGMA_BLOCK_KEYS.items():

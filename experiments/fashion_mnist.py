@@ -140,7 +140,8 @@ def train_and_sample(name: str, args: argparse.Namespace) -> dict:
     train = [sys.executable, "train.py", "--model", model, "--data-path", str(args.data_path),
              "--results-dir", str(folder / "train"), "--batch-size", str(args.batch_size),
              "--max-steps", str(args.steps), "--ckpt-every", str(args.steps),
-             "--sample-every", str(args.steps), "--log-every", str(max(1, args.steps // 10)),
+             "--sample-every", str(args.steps), "--fid-every", "0",  # FID is scored below
+             "--log-every", str(max(1, args.steps // 10)),
              *TRAIN_OPTIONS, *extra]
     timing = cached_json(folder / "train.json", lambda: {"seconds": run_command(train, log)})
     experiment = next((folder / "train").iterdir())

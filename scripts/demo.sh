@@ -24,7 +24,7 @@ python download.py fashion-mnist --out data/fashion-mnist
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python train.py --model USM-T/2 --data-path data/fashion-mnist --vae none --image-size 32 \
     --num-classes 10 --batch-size 32 --lr 1e-3 --ema-decay 0.99 --max-steps 400 \
-    --ckpt-every 400 --sample-every 400 --cfg-scale 3 --log-every 50 --num-workers 0 \
+    --ckpt-every 400 --sample-every 400 --fid-every 0 --cfg-scale 3 --log-every 50 --num-workers 0 \
     --report-to none --results-dir results/demo
 grid="$(ls -d results/demo/*-USM-T-2 | tail -n 1)/samples/step-0000400.png"
 echo "Sample grid, one row per class (t-shirt/top, trouser, pullover, dress, coat, sandal, shirt,"

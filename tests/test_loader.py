@@ -180,6 +180,7 @@ def test_authors_usm_pt_loads_exactly(tmp_path, case: str) -> None:
     assert torch.equal(outputs(loaded, **cond), outputs(ours, **cond))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert loaded.stages == (2, 1, 2) and loaded.skip_conn == kwargs.get("skip_conn", True)
+    assert loaded.num_classes == kwargs.get("num_classes", 0)
     if "learn_pos_emb" not in kwargs:  # the stored fixed table is used as stored
         assert torch.equal(loaded.pos_embed, ours.pos_embed)
         assert not isinstance(loaded.pos_embed, torch.nn.Parameter)
@@ -223,6 +224,7 @@ def test_compvis_zigma_pt_loads_exactly(tmp_path, case: str) -> None:
     assert torch.equal(outputs(loaded, **cond), outputs(ours, **cond))
     learned = isinstance(loaded.pos_embed, torch.nn.Parameter)
     assert len(loaded.blocks) == 3 and learned == kwargs["learn_pos_emb"]
+    assert loaded.num_classes == kwargs.get("num_classes", 0)
     meta, _ = load_checkpoint(tmp_path / "0010000.pt")
     assert meta["source"] == "zigma-compvis" and meta["step"] == 10
 
@@ -255,7 +257,7 @@ def test_unreadable_and_unbuildable_checkpoints_say_why(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_model(tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a pickle")
-    with pytest.raises(CheckpointError, match="not a checkpoint this repository can read"):
+    with pytest.raises(CheckpointError, match="not a checkpoint this code reads"):
         load_model(tmp_path / "text.pt")
     state = usm_in_authors_layout(USM(input_size=8, in_channels=4, hidden_size=32, stages=(1,)))
     up = {k: v for k, v in state.items() if not k.startswith("dec_blocks.0.")}
