@@ -106,6 +106,16 @@ def test_memory_split_adds_up() -> None:
     assert sum(split.values()) == 100.0
 
 
+def test_claim_figures_read_both_ways() -> None:
+    def figure(kind: str, ours: float | None) -> str:
+        return bench.claim_figure({"kind": kind, "ours": ours})
+
+    assert figure("faster", 1.78) == "78% faster (44% less time)"
+    assert figure("faster", 0.8) == "25% slower"
+    assert figure("less", 0.7) == "30% less" and figure("less", 1.12) == "12% more"
+    assert figure("ratio", 0.523) == "0.52" and figure("less", None) == "–"
+
+
 def test_training_plan_takes_the_largest_batch_that_fits(monkeypatch) -> None:
     args = bench.parse_args(["--models", "USM-T/1,Zigma-T/1", "--full", "--device", "cpu"])
     per_token = 1e6  # bytes of activations per image-token: parameters are negligible beside
