@@ -243,16 +243,14 @@ def activation_bytes_per_token(name: str, text: bool, checkpoint: bool, timing: 
 
 
 def plan_training(args: argparse.Namespace, timing: dict) -> list[dict]:
-    """The training regimes: per checkpointing setting, a latent size and a batch.
-
-    Given (--train-size, --train-batch) that is used; on CPU without --full, 16x16 at batch 1
-    (cheap). Otherwise the authors' batch 8 at 32x32 when both models are predicted to fit in
-    80% of the free memory, else the largest batch that fits there, else the largest at 16x16.
-    The prediction: parameters' cost + activations per image-token (measured on an 8x8 grid,
-    growing linearly in tokens as every layer here does) x tokens x batch.
-    """
-    if args.train_size or args.train_batch or (args.cpu and not args.full):
-        size, batch = args.train_size or MAIN_SIZE // 2, args.train_batch or 1
+    """The training regimes: per checkpointing setting, a latent size and a batch, chosen by the
+    rule train_plan_text states. The prediction of a peak: parameters' cost + activations per
+    image-token (measured on an 8x8 grid, growing linearly in tokens as every layer here does)
+    x tokens x batch."""
+    cheap = args.cpu and not args.full
+    if args.train_size or args.train_batch or cheap:
+        size = args.train_size or (MAIN_SIZE // 2 if cheap else MAIN_SIZE)
+        batch = args.train_batch or (1 if cheap else AUTHORS_BATCH)
         return [{"size": size, "batch": batch, "checkpoint": c} for c in (False, True)]
     budget = 0.8 * available_bytes(torch.device(args.device))
     regimes = []
@@ -282,8 +280,8 @@ def train_plan_text(args: argparse.Namespace) -> str:
                 "at 32x32; --full plans the largest regime that fits).")
     return ("Regime planned from the free memory: the authors' batch 8 at 32x32 where both models "
             "are predicted to fit in 80% of it, else the largest batch at 32x32, else at 16x16 "
-            "(prediction: parameters' cost + activations per image-token measured on 8x8 "
-            "latents x tokens x batch).")
+            "(prediction: parameters' cost + activations per image-token measured on an 8x8 "
+            "token grid x tokens x batch).")
 
 
 def training_table(args: argparse.Namespace, timing: dict) -> list[dict]:
