@@ -1,4 +1,4 @@
-"""FLOP counting that treats USM, Zigma and a DiT the same way.
+"""FLOP counting that treats USM, Zigma and a DiT the same way, and an independent cross-check.
 
 torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention from the
 shapes of the aten ops it sees (2 FLOPs per multiply-add). The selective scan is invisible to it
@@ -7,14 +7,22 @@ scan is counted as one custom op with Mamba's formula (state-spaces/mamba issue 
 9 * B * L * Di * N for the recurrence, + B * L * Di for the D skip term. Like the counter, this
 leaves out the other elementwise work (norms, SiLU, gating, softplus), in every model alike.
 Counting runs on the meta device: shapes only, so USM-B at 128x128 latents costs nothing.
+
+The cross-check is fvcore's FlopCountAnalysis (the counter of DiT-era papers): it traces the model
+with torch.jit and counts one multiply-add as one flop. It cannot see inside mamba_ssm's fused
+kernels, so here the scan is traced as an opaque op (`opaque_selective_scan`), as the paper's
+count would have met it. Both counts are split into the components of COMPONENTS.
 """
 
-from collections import Counter
+from collections import Counter, defaultdict
 from unittest.mock import patch
 
 import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from models import SelectiveSSM
 from selective_scan import selective_scan
 
 METHOD = (
@@ -72,3 +80,106 @@ def count_flops(model: torch.nn.Module, *args: torch.Tensor, **kwargs: torch.Ten
         kinds[_KINDS.get(name.split(".")[0], "attention")] += flops
     kinds["total"] = counter.get_total_flops()
     return dict(kinds)
+
+
+@torch.library.custom_op("usm_bench::opaque_selective_scan", mutates_args=())
+def _opaque_scan_op(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(u)  # only the shape matters to a counter
+
+
+def opaque_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, backend="auto") -> torch.Tensor:
+    """Stands for mamba_ssm's fused kernel in a jit trace: one op a counter cannot look into,
+    computing nothing (zeros of the right shape), so tracing a B model on CPU takes seconds."""
+    return _opaque_scan_op(u, delta)
+
+
+# The parts of a network that the FLOP tables report, in this order. "other" catches whatever the
+# rules of `component` do not place, so a renamed module shows up instead of vanishing.
+COMPONENTS = ("patch embed", "conditioning", "mixer in_proj", "mixer x/dt/out proj", "mixer conv",
+              "scan", "norms", "skip linears", "down/up samplers", "cross-attention",
+              "final layer", "other")
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+_CONDITIONING = {"cond", "t_embedder", "y_embedder", "context_proj", "adaLN_modulation"}
+
+
+def component(path: str, model: nn.Module, op: str, mixers: set[str]) -> str:
+    """Which component an op counted in module `path` (dotted, "" = model) belongs to.
+
+    Placed by module types where they are unambiguous (timm's PatchEmbed, norms, convolutions)
+    and by attribute names otherwise; `mixers` are the paths of the modules that own a
+    SelectiveSSM (SS2D, Zigma's Mamba mixer)."""
+    names = path.split(".") if path else []
+    module = model.get_submodule(path)
+    prefixes = [".".join(names[:i]) for i in range(len(names) + 1)]
+    ancestors = [model.get_submodule(p) for p in prefixes]
+    if "selective_scan" in op:
+        return "scan"
+    if isinstance(module, _NORMS):
+        return "norms"
+    if any(isinstance(m, PatchEmbed) for m in ancestors):
+        return "patch embed"
+    if "final_layer" in names:
+        return "final layer"
+    if "attention" in op or any("Attention" in type(m).__name__ for m in ancestors):
+        return "cross-attention"
+    if _CONDITIONING & set(names):
+        return "conditioning"
+    if mixers & set(prefixes):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return "mixer conv"
+        return "mixer in_proj" if "in_proj" in names else "mixer x/dt/out proj"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "down/up samplers"
+    if any("skip" in n for n in names):
+        return "skip linears"
+    return "other"
+
+
+def by_component(model: nn.Module, per_module: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Sum a counter's cumulative per-module, per-op counts into COMPONENTS.
+
+    Both counters report each module's count including its submodules; a module's own ops are
+    its count minus its direct children's, and those are what `component` places."""
+    mixers = {path.rpartition(".")[0] for path, m in model.named_modules()
+              if isinstance(m, SelectiveSSM)}
+    out = dict.fromkeys(COMPONENTS, 0)
+    for path, module in model.named_modules():
+        own = Counter(per_module.get(path, {}))
+        for name, _ in module.named_children():
+            own.subtract(per_module.get(f"{path}.{name}" if path else name, {}))
+        for op, flops in own.items():
+            if flops:
+                out[component(path, model, op, mixers)] += flops
+    return out
+
+
+def count_components(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor | None
+                     ) -> dict[str, int]:
+    """Our count (FLOPs = 2 x multiply-adds, the scan by its formula) per component."""
+    with patch("models.selective_scan", counted_selective_scan), torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    root = type(model).__name__
+    per_module: dict[str, dict[str, int]] = defaultdict(dict)
+    for key, ops in counter.get_flop_counts().items():
+        if key == root or key.startswith(root + "."):
+            per_module[key[len(root) + 1:]] = {str(op): n for op, n in ops.items()}
+    return by_component(model, per_module)
+
+
+def fvcore_components(model: nn.Module, *args: torch.Tensor | None) -> dict[str, int]:
+    """fvcore's FlopCountAnalysis per component (one multiply-add = one flop), tracing `model`
+    on real tensors with the scan opaque. fvcore skips the ops it has no formula for: the scan,
+    attention (scaled_dot_product_attention), RMSNorm and every elementwise op."""
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError as err:
+        raise ImportError("the FLOP cross-check needs fvcore: pip install -r "
+                          "requirements-dev.txt") from err
+    with patch("models.selective_scan", opaque_selective_scan), torch.no_grad():
+        analysis = FlopCountAnalysis(model, args)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        per_module = analysis.by_module_and_operator()
+    return by_component(model, per_module)

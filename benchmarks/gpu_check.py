@@ -8,8 +8,8 @@ Offline and idempotent (scratch files in a temporary folder, the report replaced
    at USM-B's full-resolution shapes (batch 8, Di 1536, L 1024, N 16);
 3. USM-B/1 and Zigma-B/1 at 256 px (32x32x4 latents), bf16 autocast, with and without gradient
    checkpointing, each with each backend that loads: training img/s at batch 8 and its peak
-   memory, sampling-step latency at batch 1 (benchmarks/benchmark.py's `measure`, each in a
-   fresh process);
+   memory, sampling-step latency at batch 1 (benchmarks/benchmark.py's `measure_training` and
+   `measure_sampling`, each in a fresh process);
 4. a short real run: train.py (USM-T/2, bf16, generated images; the loss must fall) and sample.py
    on its checkpoint.
 Writes benchmarks/results/gpu.md (--out). Without CUDA it says so and exits 2, writing nothing.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.benchmark import measure_isolated, table
+from benchmarks.benchmark import isolated, measure_sampling, measure_training, table
 from selective_scan import mamba_ssm_available
 from selective_scan.check import PARITY_TOL, kernel_report, scan_parity
 from selective_scan.dispatch import selective_scan
@@ -62,11 +62,13 @@ def model_rows(backends: list[str], warmup: int, repeats: int) -> list[dict]:
             for checkpoint in (False, True):
                 print(f"measuring {name}, {backend} scan, checkpointing {checkpoint}", flush=True)
                 row = {"model": name, "backend": backend, "checkpoint": checkpoint}
+                common = dict(name=name, size=SIZE, text=False, device="cuda", threads=1,
+                              warmup=warmup, repeats=repeats, scan_backend=backend,
+                              precision="bf16")
                 try:
-                    row |= measure_isolated(name=name, size=SIZE, text=False, train_batch=BATCH,
-                                            checkpoint=checkpoint, device="cuda", threads=1,
-                                            warmup=warmup, repeats=repeats,
-                                            scan_backend=backend, precision="bf16")
+                    row |= isolated(measure_training, batch=BATCH, checkpoint=checkpoint,
+                                    **common)
+                    row |= isolated(measure_sampling, batch=BATCH, **common)
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                 rows.append(row)
