@@ -115,7 +115,7 @@ def component(path: str, model: nn.Module, op: str, mixers: set[str]) -> str:
     ancestors = [model.get_submodule(p) for p in prefixes]
     if "selective_scan" in op:
         return "scan"
-    if isinstance(module, _NORMS):
+    if isinstance(module, _NORMS) or "norm" in op:  # modules, and F.layer_norm inside blocks
         return "norms"
     if any(isinstance(m, PatchEmbed) for m in ancestors):
         return "patch embed"
@@ -125,8 +125,8 @@ def component(path: str, model: nn.Module, op: str, mixers: set[str]) -> str:
         return "cross-attention"
     if _CONDITIONING & set(names):
         return "conditioning"
-    if mixers & set(prefixes):
-        if isinstance(module, nn.modules.conv._ConvNd):
+    if mixers & set(prefixes):  # Zigma's causal conv1d is functional (selective_scan.conv)
+        if isinstance(module, nn.modules.conv._ConvNd) or "conv" in op:
             return "mixer conv"
         return "mixer in_proj" if "in_proj" in names else "mixer x/dt/out proj"
     if isinstance(module, nn.modules.conv._ConvNd):

@@ -55,7 +55,9 @@ def test_model_flops_on_meta_match_the_analytic_count(name: str) -> None:
         blocks, skips = enc + [(size >> len(model.stages)) ** 2] + enc[::-1], enc
     else:  # every layer at full resolution
         blocks, skips = [size**2] * len(model.blocks), []
-    per_image = 2 * (256 * dim + dim * dim + 2 * dim * dim)  # t-embedder MLP, final adaLN
+    per_image = 2 * (256 * dim + dim * dim)  # t-embedder MLP
+    if name.startswith("USM"):  # USM's final layer is modulated; Zigma's has no adaLN
+        per_image += 2 * dim * 2 * dim
     per_image += 2 * len(blocks) * 3 * dim * dim  # adaLN-Zero of every block
     linear = sum(mamba_linear_flops(n, dim) for n in blocks) + per_image
     linear += sum(2 * n * 2 * dim * dim for n in skips) + 2 * 256 * dim * out  # final Linear
