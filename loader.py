@@ -102,6 +102,28 @@ def layout_of(state: dict[str, torch.Tensor]) -> str:
     return OURS
 
 
+class _Reader:
+    """Hands out a foreign state dict's tensors and remembers which were used: the load is strict,
+    so whatever no part of our model took (and is not a known-unused tensor) is an error."""
+
+    def __init__(self, state: dict[str, torch.Tensor], layout: str):
+        self.state, self.layout, self.used = state, layout, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return self.state[key]
+
+    def skip(self, *keys: str) -> None:
+        self.used.update(keys)
+
+    def check_all_used(self) -> None:
+        left = sorted(self.state.keys() - self.used)
+        if left:
+            shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+            raise CheckpointError(f"{self.layout} checkpoint has tensors no part of our model "
+                                  f"takes: {shown}")
+
+
 #################################################################################
 #                        The USM authors' release -> ours                        #
 #################################################################################
@@ -170,7 +192,7 @@ def _class_table(table: torch.Tensor, num_classes: int) -> torch.Tensor:
     return table
 
 
-def _top_level(state: dict, take, num_classes: int | None, null_row: bool, C: int
+def _top_level(take: _Reader, num_classes: int | None, null_row: bool, C: int
                ) -> tuple[dict, dict]:
     """Embedders and conditioning (the same names in both releases). The class count is the
     recorded one, else the table's rows less the null row, when the release trains one."""
@@ -181,7 +203,7 @@ def _top_level(state: dict, take, num_classes: int | None, null_row: bool, C: in
             out[f"cond.t_embedder.mlp.{i}.{p}"] = take(f"t_embedder.mlp.{i}.{p}")
     _, in_channels, patch, _ = out["x_embedder.proj.weight"].shape
     kwargs.update(in_channels=in_channels, patch_size=patch, hidden_size=C)
-    if "y_embedder.embedding_table.weight" in state:
+    if "y_embedder.embedding_table.weight" in take.state:
         table = take("y_embedder.embedding_table.weight")
         num_classes = num_classes or table.shape[0] - int(null_row)
         out["cond.y_embedder.weight"] = _class_table(table, num_classes)
@@ -196,11 +218,11 @@ def _grid_side(tokens: int, what: str) -> int:
     return side
 
 
-def _positional(state: dict, take, args_learned: bool | None, grid: int, C: int
+def _positional(take: _Reader, args_learned: bool | None, grid: int, C: int
                 ) -> tuple[torch.Tensor, bool]:
     """(table, learned). Stored fixed tables are used as stored; when args do not say whether the
     table was learned, a table equal to the sin-cos one is taken as fixed."""
-    if "pos_embed" not in state:  # CompVis use_pe 0: no positional embedding
+    if "pos_embed" not in take.state:  # CompVis use_pe 0: no positional embedding
         return torch.zeros(1, grid * grid, C), False
     table = take("pos_embed")
     if args_learned is None:
@@ -211,15 +233,10 @@ def _positional(state: dict, take, args_learned: bool | None, grid: int, C: int
 
 def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
     """(model name, constructor kwargs, our state dict) of an authors' USM state dict."""
-    consumed: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        consumed.add(key)
-        return state[key]
-
+    take = _Reader(state, USM_AUTHORS)
     C = state["x_embedder.proj.weight"].shape[0]
     # The authors' LabelEmbedder trains a null row (label dropout 0.1).
-    out, kwargs = _top_level(state, take, args.get("num_classes"), True, C)
+    out, kwargs = _top_level(take, args.get("num_classes"), True, C)
     encoder, decoder = _usm_stages(state)
     stages = [len(blocks) for _, blocks in encoder]
     if [len(blocks) for _, blocks in decoder] != stages[::-1]:
@@ -230,7 +247,7 @@ def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
         for key in [k for k in state if k.startswith(src + ".")]:
             name = key[len(src) + 1:]
             if _USM_UNUSED.fullmatch(key):
-                consumed.add(key)
+                take.skip(key)
             elif name in _USM_BLOCK_KEYS:
                 value = take(key)
                 out[f"{dst}.{_USM_BLOCK_KEYS[name]}"] = value[0] if name in (
@@ -265,9 +282,9 @@ def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
         out["cond.context_proj.bias"] = take("y_embedder.bias")
         kwargs["context_dim"] = out["cond.context_proj.weight"].shape[1]
     elif "y_embedder.weight" in state:  # the unconditional model's unused Linear
-        consumed.update({"y_embedder.weight", "y_embedder.bias"})
+        take.skip("y_embedder.weight", "y_embedder.bias")
     grid = _grid_side(state["pos_embed"].shape[1], "USM positional embedding")
-    out["pos_embed"], learned = _positional(state, take, args.get("learn_pos_emb"), grid, C)
+    out["pos_embed"], learned = _positional(take, args.get("learn_pos_emb"), grid, C)
     out_channels = out["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
     kwargs.update(
         input_size=grid * kwargs["patch_size"], stages=tuple(stages), learn_pos_emb=learned,
@@ -276,7 +293,7 @@ def _from_usm_authors(state: dict, args: dict) -> tuple[str, dict, dict]:
         skip_gate=state[f"{first}.in_proj.weight"].shape[0] == d_inner,
         use_convtranspose=True, d_state=state[f"{first}.A_logs"].shape[-1],
     )
-    _check_consumed(state, consumed, USM_AUTHORS)
+    take.check_all_used()
     return _registry_name(USM, kwargs), kwargs, out
 
 
@@ -310,15 +327,10 @@ def _from_zigma_compvis(state: dict, args: dict) -> tuple[str, dict, dict]:
     if scan != "zigzagN8":
         raise CheckpointError(f"Zigma scan_type {scan!r}: only zigzagN8 (8 zigzag paths, one per "
                               "layer) is built here")
-    consumed: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        consumed.add(key)
-        return state[key]
-
+    take = _Reader(state, ZIGMA_COMPVIS)
     C = state["x_embedder.proj.weight"].shape[0]
     # CompVis' LabelEmbedder has no label dropout, so no null row.
-    out, kwargs = _top_level(state, take, params.get("num_classes"), False, C)
+    out, kwargs = _top_level(take, params.get("num_classes"), False, C)
     depth = len(_indices(state, "blocks"))
     for i in range(depth):
         for name, ours in _ZIGMA_BLOCK_KEYS.items():
@@ -341,27 +353,19 @@ def _from_zigma_compvis(state: dict, args: dict) -> tuple[str, dict, dict]:
         raise CheckpointError("Zigma checkpoint without a positional embedding nor "
                               "args.model.params.img_dim: its token grid cannot be known")
     use_pe = params.get("use_pe")
-    out["pos_embed"], learned = _positional(state, take, None if use_pe is None else use_pe == 2,
+    out["pos_embed"], learned = _positional(take, None if use_pe is None else use_pe == 2,
                                             grid, C)
     out_channels = out["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
     kwargs.update(input_size=grid * kwargs["patch_size"], depth=depth, learn_pos_emb=learned,
                   learn_sigma=out_channels == 2 * kwargs["in_channels"],
                   d_state=state["blocks.0.mixer.A_log"].shape[-1])
-    _check_consumed(state, consumed, ZIGMA_COMPVIS)
+    take.check_all_used()
     return _registry_name(Zigma, kwargs), kwargs, out
 
 
 #################################################################################
 #                                 Shared                                         #
 #################################################################################
-
-
-def _check_consumed(state: dict, consumed: set[str], layout: str) -> None:
-    left = sorted(state.keys() - consumed)
-    if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
-        raise CheckpointError(f"{layout} checkpoint has tensors no part of our model takes: "
-                              f"{shown}")
 
 
 def _registry_name(cls: type, kwargs: dict) -> str:
