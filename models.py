@@ -243,11 +243,11 @@ class AdaLNBlock(nn.Module):
     def __init__(self, dim: int, cross_attn: bool):
         super().__init__()
         self.cross_attn = CrossAttention(dim) if cross_attn else None
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if cross_attn else 3)
-                                                                   * dim))
+        self.n_mod = 6 if cross_attn else 3  # (shift, scale, gate) per branch
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.adaLN_modulation(c).chunk(6 if self.cross_attn else 3, dim=-1)
+        return self.adaLN_modulation(c).chunk(self.n_mod, dim=-1)
 
     def attend(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...],
                context: torch.Tensor | None) -> torch.Tensor:
