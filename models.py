@@ -598,6 +598,7 @@ USM_models = {
     "USM-S/1": _usm(384, (2, 2, 2), 1), "USM-S/2": _usm(384, (2, 2, 2), 2),
     # Tiny: trains on a CPU in minutes (the Fashion-MNIST demo and experiment).
     "USM-T/1": _usm(64, (1, 1, 1), 1), "USM-T/2": _usm(64, (1, 1, 1), 2),
+    "USM-T/4": _usm(64, (1, 1, 1), 4),
 }
 
 Zigma_models = {

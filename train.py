@@ -138,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Optimisation
     add_option(p, "batch-size", type=positive_int, default=8, help="per process")
     add_option(p, "lr", type=float, default=1e-4)
+    add_option(p, "warmup-steps", type=int, default=0,
+               help="linear learning-rate warm-up from 0 over this many steps (default 0: none, "
+                    "as the authors trained)")
+    add_option(p, "lr-schedule", choices=["constant", "cosine"], default="constant",
+               help="constant (the authors'), or cosine decay to 0 at the last step")
     add_option(p, "weight-decay", type=float, default=0.0)
     add_option(p, "ema-decay", type=float, default=0.9999)
     add_option(p, "grad-clip", type=float, default=0.0,
@@ -286,6 +291,17 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_list = [ema_params[name] for name in model_params]
     torch._foreach_mul_(ema_list, decay)
     torch._foreach_add_(ema_list, [p.detach() for p in model_params.values()], alpha=1 - decay)
+
+
+def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
+    """The learning rate of optimizer step `step` (1-based): --lr, ramped up linearly over
+    --warmup-steps, then constant or cosine-decayed to 0 at max_steps. A function of the step alone,
+    so a resumed run continues the schedule exactly."""
+    lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
+    if args.lr_schedule == "cosine" and step > args.warmup_steps:
+        progress = (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps)
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def checked_mean_loss(accelerator: Accelerator, loss_sum: torch.Tensor, steps: int,
@@ -606,6 +622,8 @@ def main(args: argparse.Namespace) -> Path:
             if args.grad_clip > 0:  # off by default: the USM release never clipped (CompVis'
                 # Zigma clipped after the step, which is no clipping of that step's update)
                 accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(train_steps + 1, max_steps, args)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, accelerator.unwrap_model(model), args.ema_decay)

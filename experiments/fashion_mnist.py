@@ -18,6 +18,7 @@ statistics. --parallel runs that many of the three runs at once (one thread each
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,12 +57,27 @@ TRAIN_OPTIONS = ["--vae", "none", "--image-size", "32", "--num-classes", "10", "
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in name.lower())).strip("-")
+
+
+def launcher(processes: int) -> list[str]:
+    """How a script starts on `processes` CPU processes: python itself for one; accelerate's
+    multi-process launcher for more (gloo on CPUs with ACCELERATE_USE_CPU=1, see README)."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
 
 
 def shown(command: list[str]) -> str:
-    """A command as the report shows it: `python ...`, paths relative to the repository."""
-    return " ".join(["python", *command[1:]]).replace(f"{ROOT}/", "")
+    """A command as the report shows it: `python ...` or `accelerate launch ...`, paths relative
+    to the repository."""
+    if "accelerate.commands.launch" in command:
+        words = ["ACCELERATE_USE_CPU=1 accelerate launch", *command[3:]]
+    else:
+        words = ["python", *command[1:]]
+    return " ".join(words).replace(f"{ROOT}/", "")
 
 
 def run_command(command: list[str], log: Path) -> float:
@@ -70,7 +86,8 @@ def run_command(command: list[str], log: Path) -> float:
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     return time.time() - start
 
 
@@ -131,35 +148,50 @@ def params_and_gflops(checkpoint: Path) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), flops / 1e9
 
 
-def train_and_sample(name: str, args: argparse.Namespace) -> dict:
-    """Train one configuration and sample from it (each stage skipped when already done)."""
-    model, extra = RUNS[name]
+def train(name: str, options: list[str], args: argparse.Namespace, processes: int = 1) -> dict:
+    """Train one configuration with train.py on `processes` CPU processes into <work-dir>/<name>
+    (skipped when done there): its last checkpoint, wall-clock seconds and command."""
     folder = args.work_dir / slug(name)
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "commands.log"
-    train = [sys.executable, "train.py", "--model", model, "--data-path", str(args.data_path),
-             "--results-dir", str(folder / "train"), "--batch-size", str(args.batch_size),
-             "--max-steps", str(args.steps), "--ckpt-every", str(args.steps),
-             "--sample-every", str(args.steps), "--fid-every", "0",  # FID is scored below
-             "--log-every", str(max(1, args.steps // 10)),
-             *TRAIN_OPTIONS, *extra]
-    timing = cached_json(folder / "train.json", lambda: {"seconds": run_command(train, log)})
+    command = [*launcher(processes), "train.py", "--data-path", str(args.data_path),
+               "--results-dir", str(folder / "train"), *options]
+    timing = cached_json(folder / "train.json",
+                         lambda: {"seconds": run_command(command, folder / "commands.log")})
     experiment = next((folder / "train").iterdir())
-    checkpoint = step_checkpoints(experiment)[-1]
-    shutil.copy(experiment / "log.txt", args.out / f"fashion_mnist_{slug(name)}.log")
+    shutil.copy(experiment / "log.txt", args.out / f"{args.prefix}_{slug(name)}.log")
+    return dict(checkpoint=step_checkpoints(experiment)[-1], train_seconds=timing["seconds"],
+                train_command=shown(command))
 
+
+def sample(name: str, checkpoint: Path, options: list[str], args: argparse.Namespace) -> dict:
+    """--num-samples class-balanced samples and a grid of `checkpoint` with sample.py into
+    <work-dir>/<name> (skipped when done there)."""
+    folder = args.work_dir / slug(name)
+    folder.mkdir(parents=True, exist_ok=True)
     samples = folder / f"samples-{args.num_samples}"
-    grid = args.out / f"fashion_mnist_{slug(name)}.png"
-    sample = [sys.executable, "sample.py", "--ckpt", str(checkpoint), "--num-samples",
-              str(args.num_samples), "--batch-size", "100", "--sample-dir", str(samples),
-              "--cfg-scale", "1", "--grid", str(grid), "--grid-per-class",
-              str(args.grid_per_class), "--num-sampling-steps", str(args.sampling_steps)]
-    sampling = cached_json(folder / "sample.json", lambda: {"seconds": run_command(sample, log)})
+    grid = args.out / f"{args.prefix}_{slug(name)}.png"
+    command = [sys.executable, "sample.py", "--ckpt", str(checkpoint), "--num-samples",
+               str(args.num_samples), "--batch-size", "100", "--sample-dir", str(samples),
+               "--grid", str(grid), "--grid-per-class", str(args.grid_per_class), *options]
+    timing = cached_json(folder / "sample.json",
+                         lambda: {"seconds": run_command(command, folder / "commands.log")})
     params, gflops = params_and_gflops(checkpoint)
-    return dict(name=name, model=model, options=extra, params=params, gflops=gflops,
-                train_seconds=timing["seconds"], sample_seconds=sampling["seconds"],
-                grid=grid.name, samples=f"{samples}.npz", train_command=shown(train),
-                sample_command=shown(sample))
+    return dict(name=name, params=params, gflops=gflops, sample_seconds=timing["seconds"],
+                grid=grid.name, samples=f"{samples}.npz", sample_command=shown(command))
+
+
+def train_and_sample(name: str, args: argparse.Namespace) -> dict:
+    """One of RUNS trained and sampled: same steps, batch and sampler for all."""
+    model, extra = RUNS[name]
+    trained = train(name, ["--model", model, "--batch-size", str(args.batch_size),
+                           "--max-steps", str(args.steps), "--ckpt-every", str(args.steps),
+                           "--sample-every", str(args.steps),
+                           "--fid-every", "0",  # FID is scored below
+                           "--log-every", str(max(1, args.steps // 10)), *TRAIN_OPTIONS, *extra],
+                    args)
+    sampled = sample(name, trained.pop("checkpoint"),
+                     ["--cfg-scale", "1", "--num-sampling-steps", str(args.sampling_steps)], args)
+    return dict(**sampled, **trained, model=model, options=extra)
 
 
 def score(row: dict, args: argparse.Namespace, extractors: dict, reference: dict) -> dict:
@@ -234,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 steps, 10 samples and 10 reference images, 2 sampling steps")
     args = p.parse_args(argv)
+    args.prefix = "fashion_mnist"  # of the per-run grids and logs in --out
     if args.quick:
         args.steps, args.batch_size, args.num_samples, args.sampling_steps = 2, 4, 10, 2
         args.ref_images, args.classifier_images, args.grid_per_class = 10, 500, 1

@@ -24,11 +24,12 @@ def randomise_zero_init(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("name", sorted(All_models))
 def test_registry_output_shapes(name: str) -> None:
-    # Built and run on the meta device: shapes without allocating the big models.
+    # Built and run on the meta device: shapes without allocating the big models (32: divisible
+    # by every USM's patch x 2^stages).
     with torch.device("meta"):
-        model = All_models[name](input_size=16, in_channels=4, num_classes=10, learn_sigma=True)
-        out = model(torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([0, 10]))
-    assert out.shape == (2, 8, 16, 16)
+        model = All_models[name](input_size=32, in_channels=4, num_classes=10, learn_sigma=True)
+        out = model(torch.randn(2, 4, 32, 32), torch.rand(2), torch.tensor([0, 10]))
+    assert out.shape == (2, 8, 32, 32)
     assert isinstance(model, USM if name in USM_models else Zigma)
 
 

@@ -106,8 +106,9 @@ def test_pixel_space_run_writes_checkpoints_samples_and_logs(images, tmp_path):
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, features, tmp_path):
     # sampling and FID at step 3 must not shift the random stream either
+    # the warm-up spans the interruption: the resumed run must continue the learning-rate ramp
     common = ["--num-classes", "2", "--ema-decay", "0.5", "--ckpt-every", "3",
-              "--sample-every", "3", "--fid-every", "3", "--fid-images", "4",
+              "--warmup-steps", "4", "--sample-every", "3", "--fid-every", "3", "--fid-images", "4",
               "--inception", str(features)]
     straight = run(images, tmp_path / "a", *common, "--max-steps", "5")
     first = run(images, tmp_path / "b", *common, "--max-steps", "3")  # stops mid-epoch 1
@@ -124,6 +125,21 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, feature
     assert "Resumed from" in (resumed / "log.txt").read_text()
     grid = Image.open(resumed / "samples" / "step-0000005.png")
     assert grid.size[1] == 2 * 8 + 3 * 2  # one row per class
+
+
+def test_learning_rate_warm_up_and_cosine_schedule(images, tmp_path):
+    args = train.parse_args("--data-path d --lr 0.01 --warmup-steps 4 --lr-schedule cosine".split())
+    lrs = [train.learning_rate(step, 12, args) for step in range(1, 13)]
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # linear ramp
+    assert lrs[7] == pytest.approx(0.005)  # half-way through the decay
+    assert lrs[-1] == pytest.approx(0) and lrs[3:] == sorted(lrs[3:], reverse=True)
+    constant = train.parse_args("--data-path d --lr 0.01".split())
+    assert {train.learning_rate(step, 12, constant) for step in (1, 6, 12)} == {0.01}
+    # the optimizer ran with the schedule: its last step used warm-up step 2 of 4
+    exp = run(images, tmp_path, "--lr", "0.01", "--warmup-steps", "4")
+    optimizer = torch.load(exp / "checkpoints" / "step-0000002" / "optimizer.bin",
+                           weights_only=True)
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.005)
 
 
 def test_loss_falls_on_a_learnable_data_set(tmp_path):
