@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -65,9 +66,12 @@ def launcher(processes: int) -> list[str]:
     multi-process launcher for more (gloo on CPUs with ACCELERATE_USE_CPU=1, see README)."""
     if processes == 1:
         return [sys.executable]
+    with socket.socket() as free:  # a port of its own: several launches may run at once
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
             str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"]
+            "--dynamo_backend", "no", "--main_process_port", str(port)]
 
 
 def shown(command: list[str]) -> str:
