@@ -77,8 +77,6 @@ RECIPES = {  # name in the table -> (training, sampler)
                                                                      sampler(steps=50)),
     "new demo: USM-T/4, 2 processes x batch 32, 1200 steps, lr 5e-3": ("T/4 b64 x2 lr 5e-3",
                                                                         sampler()),
-    "USM-T/4, 2 processes x batch 32, 1200 steps, lr 5e-3, 50 Euler steps": (
-        "T/4 b64 x2 lr 5e-3", sampler(steps=50)),
     "USM-T/4, batch 16, 2000 steps, warm-up + cosine, EMA 0.995": ("T/4 b16 cosine", sampler()),
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quickstart command 1: train a tiny class-conditional USM on Fashion-MNIST on the CPU (about 10
+# Quickstart command 1: train a tiny class-conditional USM on Fashion-MNIST on the CPU (about 13
 # minutes on 2 cores) and write a grid of samples, one row per class.
 # Usage: bash scripts/demo.sh   (run again, it finds the finished model and only prints)
 set -euo pipefail
