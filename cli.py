@@ -35,11 +35,19 @@ def fail(message: str) -> SystemExit:
     return SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for integers >= minimum."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def int_list(minimum: int, example: str) -> Callable[[str], tuple[int, ...]]:

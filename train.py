@@ -67,6 +67,7 @@ from cli import (
     add_scan_backend,
     fail,
     ignored_note,
+    int_at_least,
     positive_int,
     use_scan_backend,
 )
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Optimisation
     add_option(p, "batch-size", type=positive_int, default=8, help="per process")
     add_option(p, "lr", type=float, default=1e-4)
-    add_option(p, "warmup-steps", type=int, default=0,
+    add_option(p, "warmup-steps", type=int_at_least(0), default=0,
                help="linear learning-rate warm-up from 0 over this many steps (default 0: none, "
                     "as the authors trained)")
     add_option(p, "lr-schedule", choices=["constant", "cosine"], default="constant",

@@ -17,19 +17,11 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 from download import export_fashion_mnist
-from evaluate_fid import load_inception
-from experiments.fashion_mnist import (
-    ROOT,
-    get_classifier,
-    reference_statistics,
-    sample,
-    score,
-    train,
-)
+from experiments.fashion_mnist import ROOT, run_and_score, sample, train
 
 COMMON = ["--vae", "none", "--image-size", "32", "--num-classes", "10", "--fid-every", "0",
           "--num-workers", "0", "--report-to", "none", "--global-seed", "0"]
@@ -150,14 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     by_training: dict[str, list[str]] = {}
     for recipe in chosen:
         by_training.setdefault(RECIPES[recipe][0], []).append(recipe)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        runs = [pool.submit(train_and_sample, name, recipes, args)
-                for name, recipes in by_training.items()]
-        classifier, classifier_acc = get_classifier(args, args.work_dir)
-        extractors = {"inception": load_inception(), "classifier": classifier.features}
-        reference = reference_statistics(args, extractors)
-        rows = [score(row, args, extractors, reference)
-                for run in as_completed(runs) for row in run.result()]
+    rows, classifier_acc = run_and_score(
+        [partial(train_and_sample, name, recipes, args) for name, recipes in by_training.items()],
+        args)
     rows.sort(key=lambda row: list(RECIPES).index(row["name"]))
     (args.out / "demo_recipes.json").write_text(json.dumps(
         dict(command=command, classifier_test_accuracy=classifier_acc, recipes=rows), indent=2))

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -63,25 +64,21 @@ def slug(name: str) -> str:
 
 def launcher(processes: int) -> list[str]:
     """How a script starts on `processes` CPU processes: python itself for one; accelerate's
-    multi-process launcher for more (gloo on CPUs with ACCELERATE_USE_CPU=1, see README)."""
+    multi-process launcher for more, on CPUs and gloo (ACCELERATE_USE_CPU=1, see README)."""
     if processes == 1:
         return [sys.executable]
     with socket.socket() as free:  # a port of its own: several launches may run at once
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return ["env", "ACCELERATE_USE_CPU=1", sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
 
 
 def shown(command: list[str]) -> str:
-    """A command as the report shows it: `python ...` or `accelerate launch ...`, paths relative
-    to the repository."""
-    if "accelerate.commands.launch" in command:
-        words = ["ACCELERATE_USE_CPU=1 accelerate launch", *command[3:]]
-    else:
-        words = ["python", *command[1:]]
-    return " ".join(words).replace(f"{ROOT}/", "")
+    """A command as the report shows it: `python` for this interpreter, paths relative to the
+    repository."""
+    return " ".join(command).replace(sys.executable, "python").replace(f"{ROOT}/", "")
 
 
 def run_command(command: list[str], log: Path) -> float:
@@ -90,8 +87,7 @@ def run_command(command: list[str], log: Path) -> float:
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
     return time.time() - start
 
 
@@ -209,6 +205,21 @@ def score(row: dict, args: argparse.Namespace, extractors: dict, reference: dict
     return {**row, "fid": scores["inception"], "fd_classifier": scores["classifier"]}
 
 
+def run_and_score(jobs: list[Callable[[], list[dict]]], args: argparse.Namespace
+                  ) -> tuple[list[dict], float]:
+    """Run the jobs (each trains and samples, returning rows), --parallel at a time, while this
+    thread prepares the classifier and the reference statistics; then score every row. Returns
+    the scored rows and the classifier's test accuracy."""
+    with ThreadPoolExecutor(args.parallel) as pool:
+        runs = [pool.submit(job) for job in jobs]
+        classifier, classifier_acc = get_classifier(args, args.work_dir)
+        extractors = {"inception": load_inception(), "classifier": classifier.features}
+        reference = reference_statistics(args, extractors)
+        rows = [score(row, args, extractors, reference)
+                for run in as_completed(runs) for row in run.result()]
+    return rows, classifier_acc
+
+
 def report(args: argparse.Namespace, command: str, rows: list[dict], classifier_acc: float
            ) -> str:
     lines = [
@@ -287,13 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.data_path / "val").is_dir():
         export_fashion_mnist(args.data_path, limit_per_class=20 if args.quick else None)
 
-    with ThreadPoolExecutor(args.parallel) as pool:
-        # The runs train while this thread prepares the classifier and the reference statistics.
-        runs = [pool.submit(train_and_sample, name, args) for name in RUNS]
-        classifier, classifier_acc = get_classifier(args, args.work_dir)
-        extractors = {"inception": load_inception(), "classifier": classifier.features}
-        reference = reference_statistics(args, extractors)
-        rows = [score(run.result(), args, extractors, reference) for run in as_completed(runs)]
+    rows, classifier_acc = run_and_score(
+        [lambda name=name: [train_and_sample(name, args)] for name in RUNS], args)
     rows.sort(key=lambda row: list(RUNS).index(row["name"]))
     result = dict(settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   command=command, classifier_test_accuracy=classifier_acc, runs=rows)

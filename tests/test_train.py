@@ -133,6 +133,8 @@ def test_learning_rate_warm_up_and_cosine_schedule(images, tmp_path):
     assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # linear ramp
     assert lrs[7] == pytest.approx(0.005)  # half-way through the decay
     assert lrs[-1] == pytest.approx(0) and lrs[3:] == sorted(lrs[3:], reverse=True)
+    with pytest.raises(SystemExit):  # a negative warm-up would give negative rates
+        train.parse_args("--data-path d --warmup-steps -1".split())
     constant = train.parse_args("--data-path d --lr 0.01".split())
     assert {train.learning_rate(step, 12, constant) for step in (1, 6, 12)} == {0.01}
     # the optimizer ran with the schedule: its last step used warm-up step 2 of 4
