@@ -271,6 +271,10 @@ def archive_members(archive: zipfile.ZipFile, pattern: str) -> dict[str, zipfile
     in the output folder itself."""
     files = [m for m in archive.infolist()
              if not m.is_dir() and not m.filename.startswith("__MACOSX/")]  # macOS zip metadata
+    unsafe = [m.filename for m in files
+              if m.filename.startswith("/") or ".." in m.filename.split("/")]
+    if unsafe:
+        raise ValueError(f"{archive.filename} holds paths outside its folder: {unsafe[:3]}")
     tops = {m.filename.split("/")[0] for m in files}
     top = tops.pop() + "/" if len(tops) == 1 else ""
     if top and not any(m.filename.startswith(f"{top}{s}/") for m in files for s in SPLITS):

@@ -419,6 +419,10 @@ def test_coco2014_archives_with_checksums(server, tmp_path, monkeypatch):
 
 
 def test_a_damaged_archive_is_refused_by_its_crc(tmp_path):
+    escape = write_zip(tmp_path / "escape.zip", {"train/../../x.png": b"x"})
+    with pytest.raises(ValueError, match="paths outside its folder"):
+        download.extract(escape, tmp_path / "out")
+
     archive = write_zip(tmp_path / "afhq.zip", {"train/cat/a.png": png_bytes(0)})
     data = bytearray(archive.read_bytes())
     data[data.index(b"train/cat/a.png") + 20] ^= 0xFF  # a byte of the member's data
