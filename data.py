@@ -1,9 +1,12 @@
 """Training data: image folders, COCO captions, and a cache of VAE latents.
 
-Two layouts are read (SPEC.md "Data layout"):
-- an ImageFolder: <data>/train/<class>/*.png and <data>/val/... (torchvision's layout; a split
-  folder holding the images directly, such as CelebA-HQ, counts as a single class);
-- COCO captions: <data>/{train,val}/*.jpg and <data>/annotations/{train,val}.json.
+Two kinds of data sets are read, each in the layouts it is distributed in (README "Training data"):
+- an ImageFolder: <data>/train/<class>/*.png and <data>/val/... (torchvision's layout: AFHQ's
+  afhq.zip, CelebA-HQ's celeba_hq.zip). AFHQ v2 names its held-out split test/: it stands in for a
+  missing val/. A split folder holding the images directly counts as a single class;
+- COCO captions: the USM authors' <data>/{train,val}/*.jpg with <data>/annotations/{train,val}.json,
+  or COCO 2014 as its archives extract, <data>/{train2014,val2014}/*.jpg with
+  <data>/annotations/captions_{train,val}2014.json.
 
 Datasets return (image in [-1, 1], condition), the condition being a class index or the list of all
 captions of the image. Everything random about a sample (horizontal flip, which caption, dropout for
@@ -42,21 +45,38 @@ class CorruptImageError(RuntimeError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+# (image folder, annotation file) of a COCO captions split, in the layouts above.
+COCO_LAYOUTS = (("{split}", "annotations/{split}.json"),
+                ("{split}2014", "annotations/captions_{split}2014.json"))
+# Where a split's images are when the split has no folder of its own name.
+SPLIT_ALIASES = {"val": ("test",)}
+
+
+def coco_files(data_path: str | Path, split: str) -> tuple[Path, Path] | None:
+    """(image folder, annotation file) of the first COCO layout whose annotation file exists."""
+    for folder, annotation_name in COCO_LAYOUTS:
+        annotation_file = Path(data_path) / annotation_name.format(split=split)
+        if annotation_file.is_file():
+            return Path(data_path) / folder.format(split=split), annotation_file
+    return None
+
+
 def is_coco(data_path: str | Path) -> bool:
-    return (Path(data_path) / "annotations" / "train.json").is_file()
+    return coco_files(data_path, "train") is not None
 
 
 def _split_folder(data_path: str | Path, split: str) -> Path:
     data_path = Path(data_path)
     if not data_path.is_dir():
         raise DataError(f"data folder {data_path} does not exist")
-    folder = data_path / split
-    if not folder.is_dir():
-        raise DataError(
-            f"no {split}/ folder in {data_path}: expected an image folder with train/ and val/ "
-            "subfolders, or COCO captions (train/, val/, annotations/{train,val}.json)"
-        )
-    return folder
+    for name in (split, *SPLIT_ALIASES.get(split, ())):
+        if (data_path / name).is_dir():
+            return data_path / name
+    raise DataError(
+        f"no {split}/ folder in {data_path}: expected an image folder with train/ and val/ "
+        "(or test/) subfolders, or COCO captions (train/, val/, annotations/{train,val}.json, "
+        "or train2014/, val2014/, annotations/captions_{train,val}2014.json)"
+    )
 
 
 def image_folder_samples(data_path: str | Path, split: str) -> tuple[list, list[str]]:
@@ -76,11 +96,16 @@ def image_folder_samples(data_path: str | Path, split: str) -> tuple[list, list[
 
 
 def coco_samples(data_path: str | Path, split: str) -> list[tuple[str, list[str]]]:
-    """[(path, all captions of the image)] from annotations/<split>.json (COCO captions format)."""
-    folder = _split_folder(data_path, split)
-    annotation_file = Path(data_path) / "annotations" / f"{split}.json"
-    if not annotation_file.is_file():
-        raise DataError(f"missing COCO annotation file {annotation_file}")
+    """[(path, all captions of the image)] from the split's annotation file (COCO captions
+    format)."""
+    files = coco_files(data_path, split)
+    if files is None:
+        expected = " or ".join(str(Path(data_path) / name.format(split=split))
+                               for _, name in COCO_LAYOUTS)
+        raise DataError(f"missing COCO annotation file {expected}")
+    folder, annotation_file = files
+    if not folder.is_dir():
+        raise DataError(f"no {folder.name}/ folder in {data_path} for {annotation_file.name}")
     with open(annotation_file) as f:
         coco = json.load(f)
     captions = defaultdict(list)

@@ -2,23 +2,31 @@
 
     python download.py vae --kind ema     # Stable Diffusion VAE, into the Hugging Face cache
     python download.py clip               # CLIP ViT-L/14 text encoder + tokenizer, same cache
+    python download.py checkpoint hf://<owner>/<repo>/<file>   # a checkpoint, same cache
     python download.py inception          # FID Inception TorchScript -> pretrained_models/
     python download.py fashion-mnist --out data/fashion-mnist [--limit-per-class 100]
+    python download.py afhq --out data/afhq   # also afhq-v2, celeba-hq, coco2014 (the papers' data)
 
-Every file we download ourselves is streamed to a temporary file next to its destination, checked
-against a published checksum and only then renamed into place, so an interrupted or corrupted
-download never leaves a file that looks complete.
+Every file we download ourselves is streamed to a temporary file next to its destination (kept
+when interrupted, and resumed by the next run), checked against its published checksum when there
+is one and only then renamed into place, so an interrupted or corrupted download never leaves a
+file that looks complete.
 """
 
 import argparse
+import fnmatch
 import gzip
 import hashlib
+import http.client
 import math
 import os
+import shutil
 import struct
-import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -27,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hub import local_checkpoint
 from loader import load_checkpoint
 
 #################################################################################
@@ -38,8 +47,8 @@ def find_model(name_or_path: str | os.PathLike, weights: str = "ema") -> dict[st
     them (weights="ema", falling back to the raw model), or the raw model's (weights="model").
 
     Reads every checkpoint loader.py reads: train.py's folders, .pt files (DiT-style dicts or a
-    bare state dict), the USM authors' .pt and save_state folders, CompVis' Zigma .pt. We publish
-    no pretrained USM weights, so unlike DiT's find_model there are no names to download.
+    bare state dict), the USM authors' .pt and save_state folders, CompVis' Zigma .pt, and any of
+    these files on the Hugging Face Hub named hf://<owner>/<repo>[@<revision>]/<file> (hub.py).
     """
     return load_checkpoint(name_or_path, weights)[1]
 
@@ -59,42 +68,70 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def download(
-    url: str, dest: str | os.PathLike, checksum: tuple[str, str], timeout: float = 60
+    url: str, dest: str | os.PathLike, checksum: tuple[str, str] | None, timeout: float = 60
 ) -> Path:
-    """Fetch url to dest unless dest already has the checksum (algorithm, hex digest).
+    """Fetch url to dest unless dest is already there (with the checksum, when one is given).
 
-    Streams into a temporary file in dest's folder and renames it into place only after the
-    checksum matched (ValueError otherwise). Network failures raise ConnectionError naming the URL
-    to fetch by hand. Also works for file:// URLs (copying a packaged file with the same checks).
+    checksum is (hashlib algorithm, hex digest), or None for a file without a published one. The
+    bytes go to .<dest's name>.part in dest's folder, renamed into place only once complete and
+    matching the checksum (ValueError otherwise, and the .part is deleted). An interrupted
+    download keeps its .part, and the next call resumes it with an HTTP Range request (a server
+    that ignores it sends the whole file again). A source that is gone (HTTP 404, 410, ...) or a
+    network failure raises ConnectionError naming the URL. Also works for file:// URLs.
     """
-    dest, (algorithm, expected) = Path(dest), checksum
-    if dest.exists() and file_digest(dest, algorithm) == expected.lower():
+    dest = Path(dest)
+    algorithm, expected = checksum or (None, None)
+    if dest.exists() and (checksum is None or file_digest(dest, algorithm) == expected.lower()):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    part = dest.with_name(f".{dest.name}.part")
+    done = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
-        digest = hashlib.new(algorithm)
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != expected.lower():
-            raise ValueError(
-                f"Checksum mismatch for {url}: {algorithm} {digest.hexdigest()}, expected "
-                f"{expected}. The download is corrupt; nothing was written to {dest}."
-            )
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            # A file-sharing link that is gone often answers with a page that says so.
+            web_page = response.headers.get_content_type() == "text/html"
+            resumed = response.status == 206  # Partial Content: the bytes after ours
+            total = int(response.headers.get("Content-Length") or 0) + (done if resumed else 0)
+            if not web_page:
+                with open(part, "ab" if resumed else "wb") as f, tqdm(
+                    total=total or None, initial=f.tell(), unit="B", unit_scale=True,
+                    desc=dest.name
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and done:  # nothing after our bytes: the .part is not this file
+            part.unlink()
+            return download(url, dest, checksum, timeout)
+        raise ConnectionError(f"Cannot download {url}: the server answered HTTP {err.code} "
+                              f"{err.reason}: the source is gone or has moved. Find where it "
+                              f"is distributed now and save the file as {dest}.") from err
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        kept = (f" {part.stat().st_size:,} bytes are kept in {part}: run the same command again "
+                "to resume." if part.exists() else "")
         raise ConnectionError(
-            f"Cannot download {url} ({err}). If this machine is offline, fetch that URL by hand "
-            f"and save it as {dest}."
+            f"Cannot download {url} ({err}).{kept} If this machine is offline, fetch that URL "
+            f"by hand and save it as {dest}."
         ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if web_page:
+        raise ConnectionError(f"Cannot download {url}: it sent a web page instead of the file, so "
+                              "the link is probably gone. Find where it is distributed now and "
+                              f"save the file as {dest}.")
+    if total and part.stat().st_size != total:
+        raise ConnectionError(f"Cannot download {url}: the connection ended after "
+                              f"{part.stat().st_size:,} of {total:,} bytes. Run the same command "
+                              "again to resume.")
+    if checksum is not None and (digest := file_digest(part, algorithm)) != expected.lower():
+        part.unlink()
+        raise ValueError(
+            f"Checksum mismatch for {url}: {algorithm} {digest}, expected {expected}. The "
+            f"download is corrupt; nothing was written to {dest}."
+        )
+    os.replace(part, dest)
     return dest
 
 
@@ -205,6 +242,96 @@ def export_fashion_mnist(
     return out
 
 
+# The papers' data sets as their authors distribute them: (archive URL, MD5 or None, which members
+# to extract). StarGAN v2's download.sh fetches AFHQ and CelebA-HQ from these Dropbox links (dl=1:
+# the file itself, not Dropbox's page) and publishes no checksums: those archives are only checked
+# to be complete (the HTTP length) and intact (zipfile's CRC-32 of every member it extracts). COCO
+# publishes none either; the MD5s of its 2014 image archives are the ones other projects check
+# their downloads against (pystiche, Salesforce LAVIS); none is recorded for the annotations.
+STARGAN_V2 = "https://www.dropbox.com/s/{}?dl=1"
+COCO_2014 = "http://images.cocodataset.org/{}"
+DATASETS = {
+    "afhq": [(STARGAN_V2.format("t9l9o3vsx2jai3z/afhq.zip"), None, "*")],
+    "afhq-v2": [(STARGAN_V2.format("vkzjokiwof5h8w6/afhq_v2.zip"), None, "*")],
+    "celeba-hq": [(STARGAN_V2.format("f7pvjij2xlpff59/celeba_hq.zip"), None, "*")],
+    "coco2014": [
+        (COCO_2014.format("zips/train2014.zip"), "0da8c0bd3d6becc4dcb32757491aca88", "*"),
+        (COCO_2014.format("zips/val2014.zip"), "a3d79f5ed8d289b7a7554ce06a5782b3", "*"),
+        # Only the captions: the instances and keypoints files are not read here.
+        (COCO_2014.format("annotations/annotations_trainval2014.zip"), None,
+         "annotations/captions_*2014.json"),
+    ],
+}
+SPLITS = ("train", "val", "test")
+
+
+def archive_members(archive: zipfile.ZipFile, pattern: str) -> dict[str, zipfile.ZipInfo]:
+    """{path to extract to: member} of the files matching pattern. An archive that wraps its splits
+    in one folder (afhq.zip: afhq/train/...) is extracted without that folder, so the splits land
+    in the output folder itself."""
+    files = [m for m in archive.infolist()
+             if not m.is_dir() and not m.filename.startswith("__MACOSX/")]  # macOS zip metadata
+    unsafe = [m.filename for m in files
+              if m.filename.startswith("/") or ".." in m.filename.split("/")]
+    if unsafe:
+        raise ValueError(f"{archive.filename} holds paths outside its folder: {unsafe[:3]}")
+    tops = {m.filename.split("/")[0] for m in files}
+    top = tops.pop() + "/" if len(tops) == 1 else ""
+    if top and not any(m.filename.startswith(f"{top}{s}/") for m in files for s in SPLITS):
+        top = ""  # train2014.zip: its one folder is the split itself
+    return {m.filename.removeprefix(top): m for m in files
+            if fnmatch.fnmatch(m.filename.removeprefix(top), pattern)}
+
+
+def extract(archive_path: Path, out: Path, pattern: str = "*") -> None:
+    """Extract an archive's matching files into out, each written under a temporary name and
+    renamed into place, skipping those already there with their size: an interrupted extraction
+    continues where it stopped. A damaged member raises ValueError naming the archive."""
+    with zipfile.ZipFile(archive_path) as archive:
+        for name, member in tqdm(archive_members(archive, pattern).items(),
+                                 desc=f"extracting {archive_path.name}"):
+            path = out / name
+            if path.is_file() and path.stat().st_size == member.file_size:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                with archive.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)  # checks the member's CRC-32 at its end
+            except (zipfile.BadZipFile, zlib.error) as err:
+                tmp.unlink(missing_ok=True)
+                raise ValueError(f"{archive_path} is damaged ({member.filename}: {err}); delete "
+                                 "it and run the same command again") from err
+            os.replace(tmp, path)
+
+
+def prepare_dataset(
+    name: str, out: str | os.PathLike, download_dir: str | os.PathLike | None = None,
+    keep_archives: bool = False,
+) -> Path:
+    """Download a paper's data set (DATASETS) and extract it into out in the layout train.py
+    reads. Each archive is downloaded into download_dir (default out/archives; resumable), then
+    extracted and, unless keep_archives, deleted; a marker file records each finished archive, so a
+    second run only does what is left."""
+    out = Path(out)
+    download_dir = Path(download_dir) if download_dir else out / "archives"
+    for url, md5, pattern in DATASETS[name]:
+        filename = Path(urllib.parse.urlparse(url).path).name
+        done = out / f".extracted-{filename}"
+        if done.exists():
+            continue
+        archive = download(url, download_dir / filename, ("md5", md5) if md5 else None)
+        try:
+            extract(archive, out, pattern)
+        except zipfile.BadZipFile as err:  # not a zip at all: a wrong or damaged download
+            raise ValueError(f"{archive} is not a zip archive ({err}); delete it and run the same "
+                             "command again") from err
+        done.touch()
+        if not keep_archives:
+            archive.unlink()
+    return out
+
+
 # Pretrained networks from the Hugging Face Hub: loaded once through encoders.py (diffusers' and
 # transformers' from_pretrained), which leaves them in the cache that training later reads.
 CLIP_REPO = "openai/clip-vit-large-patch14"  # SPEC.md: CLIP ViT-L/14 text encoder for COCO
@@ -251,6 +378,17 @@ def main(argv: list[str] | None = None) -> None:
     fmnist.add_argument("--source", type=Path, default=FASHION_MNIST_SOURCE,
                         help="folder with the four .gz files (downloaded when missing)")
     fmnist.add_argument("--limit-per-class", type=int, default=None)
+    checkpoint = sub.add_parser("checkpoint", help="a checkpoint file from the Hugging Face Hub "
+                                "into its cache (then read offline with HF_HUB_OFFLINE=1)")
+    checkpoint.add_argument("name", help="hf://<owner>/<repo>[@<revision>]/<path/to/file>")
+    for name, archives in DATASETS.items():
+        data = sub.add_parser(name, help=f"{name} from {', '.join(a[0] for a in archives)}, "
+                              "extracted into the layout train.py reads")
+        data.add_argument("--out", type=Path, default=Path("data") / name)
+        data.add_argument("--download-dir", type=Path, default=None,
+                          help="where the archives go (default <out>/archives)")
+        data.add_argument("--keep-archives", action="store_true",
+                          help="keep the archives after extraction (deleted by default)")
     args = parser.parse_args(argv)
 
     try:
@@ -260,10 +398,15 @@ def main(argv: list[str] | None = None) -> None:
             get_clip()
         elif args.what == "inception":
             print(f"FID Inception network at {get_inception(args.out)}")
-        else:
+        elif args.what == "checkpoint":
+            print(f"{args.name} is in the Hugging Face cache: {local_checkpoint(args.name)}")
+        elif args.what == "fashion-mnist":
             out = export_fashion_mnist(args.out, args.source, args.limit_per_class)
             print(f"Fashion-MNIST ImageFolder at {out} (train/, val/)")
-    except (ConnectionError, ValueError) as err:
+        else:
+            out = prepare_dataset(args.what, args.out, args.download_dir, args.keep_archives)
+            print(f"{args.what} at {out}: train.py --data-path {out}")
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
 
 

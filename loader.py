@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from checkpoints import META_FILE, CheckpointError, read_meta, verify_checkpoint
+from hub import local_checkpoint
 from models import USM, All_models, Zigma, sincos_pos_embed
 
 USM_AUTHORS, ZIGMA_COMPVIS, OURS = "usm-authors", "zigma-compvis", "ours"
@@ -440,7 +441,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     when there is one, else the model."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    path = Path(path)
+    path = local_checkpoint(path)  # an hf:// name: the file in the Hugging Face cache
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint {path} not found: give a .pt file or a checkpoint "
                                 "folder, e.g. results/000-USM-B-1/checkpoints/step-0010000")

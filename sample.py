@@ -5,10 +5,12 @@ role of DiT's sample_ddp.py).
       --learn_pos_emb --use_convtranspose --ckpt <ckpt-path> --num_samples 1000 --skip_conn
 
 --ckpt is a checkpoint folder (<experiment>/checkpoints/step-0010000 or best), an experiment folder
-(its newest checkpoint that verifies) or a .pt file. The model is rebuilt from what the checkpoint
-records (meta.json); the model options above may be left out, and when given they must agree with
-it. A damaged checkpoint (checksums in meta.json), or a file that holds no checkpoint of these
-models, is refused by name before any encoder loads.
+(its newest checkpoint that verifies), a .pt file, or a file on the Hugging Face Hub,
+hf://<owner>/<repo>[@<revision>]/<file> (fetched into the Hub cache; HF_HUB_OFFLINE=1 reads it from
+there). The model is rebuilt from what the checkpoint records (meta.json); the model options above
+may be left out, and when given they must agree with it. A damaged checkpoint (checksums in
+meta.json), or a file that holds no checkpoint of these models, is refused by name before any
+encoder loads.
 
 Output: <sample-dir>/000000.png, 000001.png, ... and <sample-dir>.npz, whose arr_0 is the uint8
 (N, H, W, 3) array the ADM / DiT evaluation suite reads. Grayscale samples are stored there with
@@ -57,6 +59,7 @@ from cli import (
 from diffusion import RectifiedFlow, create_diffusion
 from download import save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
+from hub import local_checkpoint
 from loader import AUTHORS_T_MIN, USM_AUTHORS, build_model, load_checkpoint
 from sampling import SAMPLE_STEPS, ImageSampler, step_checkpoints, to_uint8
 from sampling import build_model as build_model_from_options
@@ -77,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Checkpoint
     add_option(p, "ckpt", required=True,
                help="checkpoint folder (.../checkpoints/step-XXXXXXX or best), experiment folder "
-                    "(its latest checkpoint) or .pt file")
+                    "(its latest checkpoint), .pt file, or a file on the Hugging Face Hub: "
+                    "hf://<owner>/<repo>[@<revision>]/<path>")
     add_option(p, "weights", choices=["ema", "model"], default="ema",
                help="ema: the EMA weights (a checkpoint without them gives its model weights)")
     # The model and its encoders: default from the checkpoint; given, checked against it (the
@@ -127,8 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint folder or .pt file; an experiment folder gives its latest step checkpoint."""
-    path = Path(path)
+    """A checkpoint folder or .pt file; an experiment folder gives its latest step checkpoint; an
+    hf:// name the file in the Hugging Face cache (fetched when missing and online)."""
+    try:
+        path = local_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(f"--ckpt {err}") from err
     if not path.exists():
         raise fail(f"--ckpt {path} not found: give a checkpoint folder written by train.py "
                    "(e.g. results/000-USM-B-1/checkpoints/step-0010000), an experiment folder "

@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     # Data
     add_option(p, "data-path", required=True,
-               help="folder with train/ and val/ (ImageFolder), or COCO captions with annotations/")
+               help="folder with train/ and val/ or test/ (ImageFolder), or COCO captions with "
+                    "annotations/ (README: Training data)")
     add_option(p, "has-text", action="store_true",
                help="text-conditional (the authors' flag): --data-path must be COCO captions, "
                     "which are text-conditional with or without it")
@@ -332,7 +333,7 @@ def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
         raise fail("COCO captions are text-conditional: use --num-classes 0")
     if args.has_text and not is_coco(args.data_path):
         raise fail(f"--has_text needs COCO captions: {args.data_path} has no "
-                   "annotations/train.json")
+                   "annotations/train.json nor annotations/captions_train2014.json")
     if args.num_classes and args.num_classes != len(classes):
         found = f"{len(classes)} class folders ({', '.join(classes[:10])})" if classes else (
             "no class folders")

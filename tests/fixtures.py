@@ -3,7 +3,9 @@ initialised VAE / CLIP text models saved from configs (no downloads anywhere).""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +26,11 @@ def make_image_folder(
     mode: str = "RGB",
     val_per_class: int = 2,
     seed: int = 0,
+    held_out: str = "val",
 ) -> Path:
-    """An ImageFolder data set: root/{train,val}/<class>/<i>.png with random pixels."""
+    """An ImageFolder data set: root/{train,<held_out>}/<class>/<i>.png with random pixels."""
     root, rng = Path(root), np.random.default_rng(seed)
-    for split, count in (("train", per_class), ("val", val_per_class)):
+    for split, count in (("train", per_class), (held_out, val_per_class)):
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -37,27 +40,59 @@ def make_image_folder(
 
 
 def make_coco_folder(
-    root: str | Path, n_train: int = 6, n_val: int = 2, size: int = 16, seed: int = 0
+    root: str | Path, n_train: int = 6, n_val: int = 2, size: int = 16, seed: int = 0,
+    layout: str = "authors",
 ) -> Path:
-    """A COCO captions data set: root/{train,val}/*.jpg and root/annotations/{train,val}.json with
-    three captions per image, in the COCO captions format (images + annotations lists)."""
+    """A COCO captions data set with three captions per image, in the COCO captions format (images
+    + annotations lists): the USM authors' layout, root/{train,val}/*.jpg with
+    root/annotations/{train,val}.json, or (layout="2014") COCO 2014's as its archives extract,
+    root/{train2014,val2014}/COCO_<split>2014_<id>.jpg with
+    root/annotations/captions_{train,val}2014.json."""
     root, rng = Path(root), np.random.default_rng(seed)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", n_train), ("val", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
+        folder, annotation_file = {
+            "authors": (split, f"{split}.json"),
+            "2014": (f"{split}2014", f"captions_{split}2014.json"),
+        }[layout]
+        (root / folder).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            file_name = f"{split}_{i:012d}.jpg"
-            _write_image(root / split / file_name, rng, size, "RGB")
+            file_name = (f"{split}_{i:012d}.jpg" if layout == "authors"
+                         else f"COCO_{split}2014_{100 + i:012d}.jpg")
+            _write_image(root / folder / file_name, rng, size, "RGB")
             images.append({"id": 100 + i, "file_name": file_name, "width": size, "height": size})
             for j in range(3):
                 caption = f"image {i} of {split}, caption number {j}"
                 annotations.append(
                     {"id": 1000 + 10 * i + j, "image_id": 100 + i, "caption": caption}
                 )
-        with open(root / "annotations" / f"{split}.json", "w") as f:
+        with open(root / "annotations" / annotation_file, "w") as f:
             json.dump({"images": images, "annotations": annotations}, f)
     return root
+
+
+def make_hub_cache(
+    cache: str | Path, repo_id: str, files: dict[str, bytes], commit: str,
+    refs: tuple[str, ...] = ("main",),
+) -> Path:
+    """A Hugging Face Hub cache holding one commit of a model repository, laid out as
+    huggingface_hub lays it out: <cache>/models--<owner>--<repo>/blobs/<file's SHA-256> (the
+    content), snapshots/<commit>/<path in repo> (a relative symlink to the blob) and
+    refs/<branch or tag> (the commit hash). Returns the snapshot folder."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for path_in_repo, content in files.items():
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = snapshot / path_in_repo
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
 
 
 def save_tiny_vae(folder: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """Data sets, per-sample randomness, the latent cache and the frozen encoders."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
@@ -16,6 +17,7 @@ from data import (
     cache_latents,
     collate,
     drop_labels,
+    is_coco,
     latent_cache_path,
     pick_captions,
     random_flip,
@@ -74,6 +76,38 @@ def test_coco_items_hold_every_caption(tmp_path):
     assert captions == [f"image 1 of train, caption number {j}" for j in range(3)]
     _, conditions = collate([dataset[0], dataset[1]])
     assert conditions[1] == captions
+
+
+@pytest.mark.parametrize("classes, held_out", [
+    (("cat", "dog", "wild"), "val"),   # AFHQ, afhq.zip: train/ and val/
+    (("cat", "dog", "wild"), "test"),  # AFHQ v2, afhq_v2.zip: train/ and test/
+    (("female", "male"), "val"),       # CelebA-HQ, celeba_hq.zip
+])
+def test_paper_image_folders_as_distributed(tmp_path, classes, held_out):
+    root = make_image_folder(tmp_path, classes=classes, per_class=3, val_per_class=2, size=12,
+                             held_out=held_out)
+    train, names = build_dataset(root, "train", image_size=8, channels=None)
+    val, _ = build_dataset(root, "val", image_size=8, channels=None)
+    assert names == list(classes) and len(train) == 3 * len(classes)
+    assert len(val) == 2 * len(classes)
+    assert {Path(p).parent.parent.name for p, _ in val.samples} == {held_out}
+    assert [label for _, label in val.samples] == [c for c in range(len(classes)) for _ in "ab"]
+
+
+def test_coco_2014_as_distributed(tmp_path):
+    root = make_coco_folder(tmp_path, n_train=3, n_val=2, layout="2014")
+    assert is_coco(root)
+    train, classes = build_dataset(root, "train", image_size=8, channels=None)
+    val, _ = build_dataset(root, "val", image_size=8, channels=None)
+    assert classes == [] and len(train) == 3 and len(val) == 2
+    assert [Path(p).relative_to(root).as_posix() for p, _ in val.samples] == [
+        "val2014/COCO_val2014_000000000100.jpg", "val2014/COCO_val2014_000000000101.jpg"]
+    image, captions = train[2]
+    assert image.shape == (3, 8, 8)
+    assert captions == [f"image 2 of train, caption number {j}" for j in range(3)]
+    (root / "annotations" / "captions_val2014.json").unlink()
+    with pytest.raises(DataError, match="captions_val2014.json"):
+        build_dataset(root, "val", image_size=8, channels=None)
 
 
 def test_captions_are_drawn_per_image_and_dropped_for_guidance():

@@ -5,10 +5,12 @@ import argparse
 import copy
 import gzip
 import hashlib
+import io
 import json
 import socket
 import struct
 import threading
+import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import download
+from data import build_dataset
 from download import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_SOURCE,
@@ -57,16 +60,52 @@ def tiny_fashion_mnist(folder: Path) -> dict[str, np.ndarray]:
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves a folder with HTTP Range requests (which Python's handler ignores), logging each
+    request as (path, Range header) in `requests`. A file named in `cut` is sent once only in
+    part, with its whole length announced: a connection dropped mid-download."""
+
+    def __init__(self, *args, requests: list, cut: set, **kwargs):
+        self.requests, self.cut = requests, cut
+        super().__init__(*args, **kwargs)
+
     def log_message(self, *args) -> None:
         pass
 
+    def do_GET(self) -> None:
+        self.requests.append((self.path, self.headers.get("Range")))
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            return super().do_GET()  # 404
+        data = path.read_bytes()
+        start = int(self.headers.get("Range", "bytes=0-").removeprefix("bytes=").rstrip("-"))
+        if start and start >= len(data):
+            return self.send_error(416)
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        body = data[start:]
+        if path.name in self.cut:
+            self.cut.discard(path.name)
+            body = body[: len(body) // 2]
+        self.wfile.write(body)
+
 
 @pytest.fixture
-def server(tmp_path):
+def http() -> dict:
+    """What the test server saw and how it misbehaves: {"requests": [...], "cut": {names}}."""
+    return {"requests": [], "cut": set()}
+
+
+@pytest.fixture
+def server(tmp_path, http):
     """An HTTP server on 127.0.0.1 (a free port) serving tmp_path/served: (folder, base URL)."""
     served = tmp_path / "served"
     served.mkdir()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
+    handler = partial(QuietHandler, directory=str(served), **http)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
@@ -256,3 +295,139 @@ def test_get_inception_downloads_when_package_missing(server, tmp_path, monkeypa
 def test_inception_command_copies_packaged_file(tmp_path):
     download.main(["inception", "--out", str(tmp_path / "inception.pt")])
     assert download.file_digest(tmp_path / "inception.pt", "sha1") == download.INCEPTION_SHA1
+
+
+#################################################################################
+#              Resumable downloads and the papers' data sets                     #
+#################################################################################
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, http, tmp_path):
+    served, url = server
+    data = bytes(range(256)) * 400
+    (served / "big.zip").write_bytes(data)
+    http["cut"].add("big.zip")
+    dest, md5 = tmp_path / "out" / "big.zip", ("md5", hashlib.md5(data).hexdigest())
+    with pytest.raises(ConnectionError, match="the same command again to resume"):
+        download.download(url + "big.zip", dest, md5)
+    part = tmp_path / "out" / ".big.zip.part"
+    assert not dest.exists() and part.read_bytes() == data[: len(data) // 2]
+    download.download(url + "big.zip", dest, md5)
+    assert dest.read_bytes() == data and not part.exists()
+    assert http["requests"] == [("/big.zip", None), ("/big.zip", f"bytes={len(data) // 2}-")]
+
+    # a .part that is not a prefix of the file: the checksum refuses the result and drops it
+    part.write_bytes(b"x" * 100)
+    dest.unlink()
+    with pytest.raises(ValueError, match="Checksum mismatch"):
+        download.download(url + "big.zip", dest, md5)
+    assert not part.exists() and not dest.exists()
+    download.download(url + "big.zip", dest, md5)  # and the next run starts afresh
+    assert dest.read_bytes() == data
+
+
+def test_a_source_that_is_gone_is_named(server, tmp_path):
+    served, url = server
+    with pytest.raises(ConnectionError, match=r"HTTP 404 .*the source is gone or has moved"):
+        download.download(url + "afhq.zip", tmp_path / "afhq.zip", None)
+    (served / "moved.html").write_text("<html>This file was deleted</html>")
+    with pytest.raises(ConnectionError, match="sent a web page instead of the file"):
+        download.download(url + "moved.html", tmp_path / "afhq.zip", None)
+    assert list(tmp_path.iterdir()) == [served.parent / "served"]  # nothing written
+
+
+def png_bytes(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def stargan_members(top: str, held_out: str, classes: tuple[str, ...]) -> dict[str, bytes]:
+    """StarGAN v2's archives in miniature: <top>train/<class>/*.png and <top><held_out>/..."""
+    return {f"{top}{split}/{c}/{split}_{c}_{i}.png": png_bytes(hash((split, c, i)) % 1000)
+            for split in ("train", held_out) for c in classes for i in range(2)}
+
+
+@pytest.mark.parametrize("name, archive, top, held_out, classes", [
+    ("afhq", "afhq.zip", "afhq/", "val", ("cat", "dog", "wild")),
+    ("afhq-v2", "afhq_v2.zip", "", "test", ("cat", "dog", "wild")),
+    ("celeba-hq", "celeba_hq.zip", "celeba_hq/", "val", ("female", "male")),
+])
+def test_stargan_v2_archives_extract_into_the_layout_train_reads(
+        server, http, tmp_path, monkeypatch, name, archive, top, held_out, classes):
+    served, url = server
+    members = stargan_members(top, held_out, classes)
+    write_zip(served / archive, {**members, "__MACOSX/._x": b"mac"})
+    monkeypatch.setitem(download.DATASETS, name, [(url + archive, None, "*")])  # as published
+    out = tmp_path / "data"
+    download.main([name, "--out", str(out)])
+    for member, content in members.items():
+        assert (out / member.removeprefix(top)).read_bytes() == content
+    train, names = build_dataset(out, "train", 8, None)
+    val, _ = build_dataset(out, "val", 8, None)
+    assert names == list(classes) and len(train) == len(val) == 2 * len(classes)
+    assert not (out / "archives" / archive).exists()  # deleted once extracted
+    download.main([name, "--out", str(out)])  # done: nothing fetched again
+    assert len(http["requests"]) == 1
+
+
+def test_coco2014_archives_with_checksums(server, tmp_path, monkeypatch):
+    served, url = server
+    images = {"train2014": {f"train2014/COCO_train2014_{i:012d}.jpg": png_bytes(i)
+                            for i in (1, 2)},
+              "val2014": {"val2014/COCO_val2014_000000000003.jpg": png_bytes(3)}}
+    captions = {split: {"images": [{"id": int(Path(m).stem[-12:]), "file_name": Path(m).name}
+                                   for m in images[f"{split}2014"]],
+                        "annotations": [{"id": 7, "image_id": int(Path(m).stem[-12:]),
+                                         "caption": f"a {split} caption "}
+                                        for m in images[f"{split}2014"]]}
+                for split in ("train", "val")}
+    archives = [write_zip(served / f"{split}.zip", members) for split, members in images.items()]
+    archives.append(write_zip(served / "annotations_trainval2014.zip", {
+        **{f"annotations/captions_{s}2014.json": json.dumps(c).encode()
+           for s, c in captions.items()},
+        "annotations/instances_train2014.json": b"{}"}))
+    md5s = [hashlib.md5(a.read_bytes()).hexdigest() for a in archives]
+    monkeypatch.setitem(download.DATASETS, "coco2014", [
+        (url + "train2014.zip", md5s[0], "*"), (url + "val2014.zip", "0" * 32, "*"),
+        (url + "annotations_trainval2014.zip", None, "annotations/captions_*2014.json")])
+    out = tmp_path / "coco"
+    with pytest.raises(SystemExit, match="Checksum mismatch for .*val2014.zip"):
+        download.main(["coco2014", "--out", str(out), "--keep-archives"])
+    assert not (out / "val2014").exists()  # a corrupt archive is never extracted
+    assert sorted(p.name for p in out.glob(".extracted-*")) == [".extracted-train2014.zip"]
+
+    download.DATASETS["coco2014"][1] = (url + "val2014.zip", md5s[1], "*")
+    download.main(["coco2014", "--out", str(out), "--keep-archives"])
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == [
+        "captions_train2014.json", "captions_val2014.json"]  # only the captions
+    assert sorted(p.name for p in (out / "archives").iterdir()) == sorted(a.name for a in archives)
+    train, _ = build_dataset(out, "train", 8, None)
+    val, _ = build_dataset(out, "val", 8, None)
+    assert [Path(p).name for p, _ in train.samples] == ["COCO_train2014_000000000001.jpg",
+                                                        "COCO_train2014_000000000002.jpg"]
+    assert val.samples == [(str(out / "val2014" / "COCO_val2014_000000000003.jpg"),
+                            ["a val caption"])]
+
+
+def test_a_damaged_archive_is_refused_by_its_crc(tmp_path):
+    escape = write_zip(tmp_path / "escape.zip", {"train/../../x.png": b"x"})
+    with pytest.raises(ValueError, match="paths outside its folder"):
+        download.extract(escape, tmp_path / "out")
+
+    archive = write_zip(tmp_path / "afhq.zip", {"train/cat/a.png": png_bytes(0)})
+    data = bytearray(archive.read_bytes())
+    data[data.index(b"train/cat/a.png") + 20] ^= 0xFF  # a byte of the member's data
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="afhq.zip is damaged"):
+        download.extract(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.png")) and not list(
+        (tmp_path / "out").rglob(".*.tmp"))

@@ -20,7 +20,13 @@ import train
 from download import find_model
 from loader import load_checkpoint
 from models import All_models
-from tests.fixtures import make_coco_folder, make_image_folder, save_tiny_clip, save_tiny_vae
+from tests.fixtures import (
+    make_coco_folder,
+    make_hub_cache,
+    make_image_folder,
+    save_tiny_clip,
+    save_tiny_vae,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--num-sampling-steps", "3"]  # a 3-step Euler ODE: the images only have to be reproducible
@@ -180,6 +186,20 @@ def test_a_dit_style_pt_file_samples_like_its_folder(experiment, tmp_path):
     np.testing.assert_array_equal(pixels(from_pt, 5), pixels(from_folder, 5))  # same batches
     raw = run(pt, tmp_path / "raw", "--weights", "model")  # EMA decay 0.5: not the raw weights
     assert np.abs(pixels(raw, 5).astype(int) - pixels(from_folder, 5)).max() > 1
+
+
+def test_a_checkpoint_on_the_hub_samples_like_its_local_file(experiment, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    ckpt = experiment / "checkpoints" / "step-0000004"
+    pt = tmp_path / "usm.pt"
+    meta, ema = load_checkpoint(ckpt)
+    torch.save({"ema": ema, "model_kwargs": meta["model_kwargs"], "args": meta["args"]}, pt)
+    make_hub_cache(tmp_path / "hub", "owner/usm", {"weights/usm.pt": pt.read_bytes()}, "c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the cache alone
+    from_hub = run("hf://owner/usm/weights/usm.pt", tmp_path / "hub-samples")
+    np.testing.assert_array_equal(pixels(from_hub, 5), pixels(run(ckpt, tmp_path / "local"), 5))
 
 
 def test_text_conditional_latent_gaussian_checkpoint_with_guidance(tmp_path):

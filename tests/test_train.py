@@ -167,8 +167,9 @@ def test_latent_space_from_a_latent_cache(tmp_path):
     assert Image.open(exp / "samples" / "step-0000002.png").size == (8 * 64 + 18, 2 * 64 + 6)
 
 
-def test_text_conditional_with_guided_grid_and_fid(features, tmp_path):
-    data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=3, size=8)
+@pytest.mark.parametrize("layout", ["authors", "2014"])
+def test_text_conditional_with_guided_grid_and_fid(features, tmp_path, layout):
+    data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=3, size=8, layout=layout)
     clip = save_tiny_clip(tmp_path / "clip", hidden_size=16)
     exp = run(data, tmp_path / "r", "--text-encoder", str(clip), "--cfg-scale", "3",
               "--fid-every", "1", "--fid-images", "3", "--inception", str(features))
@@ -178,6 +179,17 @@ def test_text_conditional_with_guided_grid_and_fid(features, tmp_path):
     assert captions == [f"image {i} of val, caption number 0" for i in range(3)]
     best = json.loads((exp / "checkpoints" / "best" / "meta.json").read_text())
     assert best["fid"] >= 0 and "FID=" in (exp / "log.txt").read_text()
+
+
+def test_afhq_v2_trains_unconditionally_with_fid_on_its_test_split(features, tmp_path):
+    # As the authors trained AFHQ: --num-classes 0 over its three class folders
+    data = make_image_folder(tmp_path / "afhq", classes=("cat", "dog", "wild"), per_class=2,
+                             val_per_class=1, size=8, held_out="test")
+    exp = run(data, tmp_path / "r", "--num-classes", "0", "--fid-every", "2", "--fid-images", "3",
+              "--inception", str(features))
+    meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
+    assert meta["model_kwargs"]["num_classes"] == 0
+    assert "FID=" in (exp / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
