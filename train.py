@@ -183,8 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="to Inception's 299 px: tf1 (torchmetrics <= 1.7) or antialias (>= 1.8); "
                     "evaluate_fid.py --resize")
     add_option(p, "samples", type=positive_int,
-               help="the authors' FID size: this many batches of --batch-size val images per "
-                    "process (overrides --fid-images)")
+               help="the authors' FID size: this many batches of --batch-size reference images "
+                    "per process (overrides --fid-images)")
     add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
     add_option(p, "log-every", type=positive_int, default=100)
     add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
