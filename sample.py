@@ -21,7 +21,9 @@ Process i of P renders samples i, i + P, i + 2P, ...; samples already on disk ar
 started again finishes an interrupted one. Sample i's noise comes from a generator seeded with
 (--global-seed, i) and its class or caption from i alone, so the images do not depend on the number
 of processes or the batch size. DDPM (--respacing without "ddim") adds fresh noise at every step,
-drawn per batch, so only its starting noise has that property.
+drawn per batch, so only its starting noise has that property; dopri5 (--sampler dopri5) chooses
+one sequence of steps for a whole batch, so its images depend on the batch within its tolerance.
+The log gives the number of model evaluations (NFE) per batch.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from cli import (
     add_ignored,
     add_model_options,
     add_option,
+    add_sampler_options,
     add_scan_backend,
     fail,
     ignored_note,
@@ -56,12 +59,19 @@ from cli import (
     positive_int,
     use_scan_backend,
 )
-from diffusion import RectifiedFlow, create_diffusion
+from diffusion import create_diffusion
 from download import save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
 from hub import local_checkpoint
 from loader import AUTHORS_T_MIN, USM_AUTHORS, build_model, load_checkpoint
-from sampling import SAMPLE_STEPS, ImageSampler, step_checkpoints, to_uint8
+from sampling import (
+    ImageSampler,
+    flow_sampler,
+    nfe_summary,
+    sampler_problem,
+    step_checkpoints,
+    to_uint8,
+)
 from sampling import build_model as build_model_from_options
 
 # Options that describe the model (cli.py, shared with train.py). They default to what the
@@ -106,10 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_option(p, "captions", type=Path,
                help="text-conditional: one caption per non-empty line, sample i uses caption "
                     "i mod (number of captions)")
-    add_option(p, "num-sampling-steps", type=positive_int,
-               help=f"rectified flow: ODE steps (default {SAMPLE_STEPS}, the paper's)")
-    add_option(p, "sampler", choices=["euler", "heun"],
-               help="rectified flow: ODE solver (default euler, the paper's)")
+    add_sampler_options(p)
     add_option(p, "respacing",
                help=f"Gaussian diffusion: e.g. ddim50 (DDIM) or 250 (DDPM, default {DDPM_STEPS})")
     # Output
@@ -271,17 +278,13 @@ def load_weights(model: nn.Module, name: str, ckpt: Path, state_dict: dict) -> n
 def create_sampler(args: argparse.Namespace, objective: str, source: str) -> tuple[object, str]:
     """(sampler, short name for the folder name) from the flags of the checkpoint's objective.
     The USM authors' checkpoints are sampled on their own time grid (UPSTREAM.md item 6)."""
+    if problem := sampler_problem(args, objective):
+        raise fail(problem + (" (--respacing, e.g. ddim50 or 250)" if objective != "rf" else ""))
     if objective == "rf":
         if args.respacing:
             raise fail("--respacing is for Gaussian diffusion; this checkpoint is rectified flow "
-                       "(--num-sampling-steps, --sampler)")
-        steps, solver = args.num_sampling_steps or SAMPLE_STEPS, args.sampler or "euler"
-        t_min = AUTHORS_T_MIN if source == USM_AUTHORS else 0.0
-        name = f"{solver}{steps}" + ("-authors-time" if t_min else "")
-        return RectifiedFlow(steps, sampler=solver, t_min=t_min), name
-    if args.num_sampling_steps or args.sampler:
-        raise fail("--num-sampling-steps / --sampler are for rectified flow; this checkpoint is "
-                   "Gaussian diffusion (--respacing, e.g. ddim50 or 250)")
+                       "(--sampler, --num-sampling-steps, --atol, --rtol)")
+        return flow_sampler(args, AUTHORS_T_MIN if source == USM_AUTHORS else 0.0)
     respacing = args.respacing or DDPM_STEPS
     try:  # learned sigma, linear schedule: how train.py trains it
         diffusion = create_diffusion(respacing)
@@ -509,6 +512,8 @@ def main(args: argparse.Namespace) -> Path:
         save_samples(images, indices, folder)
         progress.update(len(indices))
     progress.close()
+    if generate.nfe:  # what a sampler costs, adaptive ones (dopri5) above all
+        state.print(f"Sampler {sampler_name}, this process: {nfe_summary(generate.nfe)}")
 
     state.wait_for_everyone()  # every shard is on disk
     if state.is_main_process:

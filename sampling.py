@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusion import RectifiedFlow
+from diffusion.rectified_flow import DOPRI5_ATOL, DOPRI5_RTOL
 from encoders import decode_latents
 from models import All_models, USM_models
 
@@ -47,6 +49,44 @@ def build_model(args: argparse.Namespace, in_channels: int, input_size: int,
                          f"({space}) that {args.model} cannot take: {err}") from err
 
 
+# The rectified-flow sampler options (cli.add_sampler_options); None means "the default".
+FLOW_SAMPLER_OPTIONS = ("num_sampling_steps", "sampler", "atol", "rtol")
+
+
+def sampler_problem(args: argparse.Namespace, objective: str) -> str | None:
+    """What is wrong with the sampler options for a model of this objective, or None."""
+    given = [f"--{name.replace('_', '-')}" for name in FLOW_SAMPLER_OPTIONS
+             if getattr(args, name) is not None]
+    if objective != "rf" and given:
+        return f"{' / '.join(given)}: rectified flow's sampler options; this is Gaussian diffusion"
+    if objective != "rf":
+        return None
+    if args.sampler == "dopri5" and args.num_sampling_steps is not None:
+        return "--num-sampling-steps is for euler and heun: dopri5 chooses its own steps"
+    if args.sampler != "dopri5" and (args.atol is not None or args.rtol is not None):
+        return "--atol / --rtol are the tolerances of --sampler dopri5"
+    return None
+
+
+def flow_sampler(args: argparse.Namespace, t_min: float = 0.0) -> tuple[RectifiedFlow, str]:
+    """(the rectified-flow sampler the options ask for, its short name for folders and logs).
+    Defaults: the paper's 25 Euler steps; dopri5 with CompVis' tolerances. Call sampler_problem
+    first."""
+    solver = args.sampler or "euler"
+    steps = args.num_sampling_steps or SAMPLE_STEPS
+    atol = DOPRI5_ATOL if args.atol is None else args.atol
+    rtol = DOPRI5_RTOL if args.rtol is None else args.rtol
+    name = f"dopri5-atol{atol:g}-rtol{rtol:g}" if solver == "dopri5" else f"{solver}{steps}"
+    sampler = RectifiedFlow(steps, sampler=solver, t_min=t_min, atol=atol, rtol=rtol)
+    return sampler, name + ("-authors-time" if t_min else "")
+
+
+def nfe_summary(nfe: list[int]) -> str:
+    """One log line from the model evaluations of each batch (ImageSampler.nfe)."""
+    return (f"{sum(nfe)} model evaluations over {len(nfe)} batches: {min(nfe)}-{max(nfe)} per "
+            f"batch, mean {sum(nfe) / len(nfe):.1f}")
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> uint8 in [0, 255], rounded to nearest (as DiT saves its samples)."""
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -56,6 +96,9 @@ class ImageSampler:
     """Turns noise into images with a trained (EMA) model: guidance, sampler, VAE decoding.
 
     conditions: a LongTensor of class labels, a list of captions, or None (unconditional).
+    nfe: the number of model evaluations (NFE) of each batch sampled, appended by from_noise; a
+    guided evaluation counts once, though it runs the network on the conditional and the
+    unconditional batch. The caller reads and clears it.
     """
 
     def __init__(self, model: nn.Module, sampler, vae, text_encoder, in_channels: int,
@@ -65,6 +108,7 @@ class ImageSampler:
         self.shape = (in_channels, input_size, input_size)
         # Guidance's unconditional branch sees the empty caption, what caption dropout trained on.
         self.null_context = text_encoder([""]) if text_encoder is not None else None
+        self.nfe: list[int] = []
 
     @property
     def device(self) -> torch.device:
@@ -95,5 +139,13 @@ class ImageSampler:
         if kwargs and self.cfg_scale != 1:
             model_fn = self.model.forward_with_cfg
             kwargs.update(cfg_scale=self.cfg_scale, null_context=self.null_context)
-        x = self.sampler.sample(model_fn, z, model_kwargs=kwargs)
+        calls = 0
+
+        def counted(*args, **kwargs) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return model_fn(*args, **kwargs)
+
+        x = self.sampler.sample(counted, z, model_kwargs=kwargs)
+        self.nfe.append(calls)
         return decode_latents(self.vae, x) if self.vae is not None else x.clamp(-1, 1)

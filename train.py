@@ -64,6 +64,7 @@ from cli import (
     add_ignored,
     add_model_options,
     add_option,
+    add_sampler_options,
     add_scan_backend,
     fail,
     ignored_note,
@@ -91,12 +92,15 @@ from encoders import (
     load_vae,
     vae_downsample_factor,
 )
-from evaluate_fid import compute_statistics, frechet_distance, load_inception
+from evaluate_fid import RESIZES, compute_statistics, frechet_distance, load_inception
 from sampling import (
     CHECKPOINT_RE,
     SAMPLE_STEPS,
     ImageSampler,
     build_model,
+    flow_sampler,
+    nfe_summary,
+    sampler_problem,
     step_checkpoints,
     to_uint8,
 )
@@ -168,18 +172,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "one) with a best/ checkpoint when it improves, as the authors' script did")
     add_option(p, "cfg-scale", type=float, default=1.0,
                help="guidance for sample grids and FID (1 = none)")
+    add_sampler_options(p)  # for sample grids and FID
     add_option(p, "fid-every", type=int,
                help="FID every N steps instead (default: --sample-every); 0 disables FID")
     add_option(p, "fid-images", type=positive_int, default=1000,
-               help="val images (and as many samples) for FID")
+               help="reference images (and as many samples) for FID: the whole split if it has "
+                    "no more, else a fixed random subset")
+    add_option(p, "fid-reference", choices=["val", "train"], default="val",
+               help="the split FID compares with: val (the USM authors') or train (CompVis')")
+    add_option(p, "fid-resize", choices=list(RESIZES), default="tf1",
+               help="to Inception's 299 px: tf1 (torchmetrics <= 1.7) or antialias (>= 1.8); "
+                    "evaluate_fid.py --resize")
     add_option(p, "samples", type=positive_int,
-               help="the authors' FID size: this many batches of --batch-size val images per "
-                    "process (overrides --fid-images)")
+               help="the authors' FID size: this many batches of --batch-size reference images "
+                    "per process (overrides --fid-images)")
     add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
     add_option(p, "log-every", type=positive_int, default=100)
     add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
     add_ignored(p, "experiment-dir")  # the authors' train.py never read it
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if problem := sampler_problem(args, args.objective):
+        p.error(problem)
+    return args
 
 
 #################################################################################
@@ -343,11 +357,11 @@ def check_data(args: argparse.Namespace, train_set, classes: list[str]) -> None:
 
 
 def create_objective(args: argparse.Namespace) -> tuple:
-    """(training objective, sampler for grids and FID): rectified flow sampled with 25 Euler steps
-    as in the paper, or DiT's Gaussian diffusion (learned sigma) sampled with 25 DDIM steps."""
+    """(training objective, sampler for grids and FID): rectified flow sampled as the sampler
+    options say (default: 25 Euler steps, as in the paper), or DiT's Gaussian diffusion (learned
+    sigma) sampled with 25 DDIM steps."""
     if args.objective == "rf":
-        flow = RectifiedFlow(SAMPLE_STEPS, args.sampling)
-        return flow, flow
+        return RectifiedFlow(sampling=args.sampling), flow_sampler(args)[0]
     return create_diffusion(""), create_diffusion(f"ddim{SAMPLE_STEPS}")
 
 
@@ -370,19 +384,29 @@ def save_grid(generate: ImageSampler, conditions, path: Path, seed: int) -> None
         path.with_suffix(".txt").write_text("\n".join(conditions) + "\n")
 
 
+def fid_subset(size: int, n: int, seed: int) -> list[int]:
+    """The reference images' indices: the whole split when it has at most n images, else n drawn
+    at random (fixed by the seed). Not the first n: image folders list one class after another."""
+    if n >= size:
+        return list(range(size))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:n].tolist())
+
+
 @torch.no_grad()
-def compute_fid(accelerator, generate: ImageSampler, val_set, fid_images: int, args, inception,
-                reference: tuple | None) -> tuple[float, tuple]:
-    """FID of `fid_images` generated images against as many val images (counted in images). The
-    samples use the val images' own labels / first captions, so both sets have the same mix of
-    conditions; each process handles a shard, features are gathered. Returns (fid, reference
-    statistics), the latter computed on the first call only."""
-    n = min(fid_images, len(val_set))
-    shard = Subset(val_set, range(accelerator.process_index, n, accelerator.num_processes))
+def compute_fid(accelerator, generate: ImageSampler, reference_set, fid_images: int, args,
+                inception, reference: tuple | None) -> tuple[float, tuple]:
+    """FID of `fid_images` generated images against as many reference images (counted in images;
+    see fid_subset). The samples use the reference images' own labels / first captions, so both
+    sets have the same mix of conditions; each process handles a shard, features are gathered.
+    Returns (fid, reference statistics), the latter computed on the first call only."""
+    indices = fid_subset(len(reference_set), fid_images, args.global_seed)
+    shard = Subset(reference_set, indices[accelerator.process_index::accelerator.num_processes])
     # Its own generator: starting the loader must not draw from the training RNG (exact resume).
     loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=collate,
                         generator=torch.Generator())
     real, fake = [], []
+    generate.nfe.clear()  # count this evaluation's model evaluations only
     for i, (images, conditions) in enumerate(loader):
         if reference is None:
             real.append(inception(to_uint8(images.to(accelerator.device))).cpu())
@@ -392,6 +416,8 @@ def compute_fid(accelerator, generate: ImageSampler, val_set, fid_images: int, a
             conditions = len(images)
         seed = args.global_seed + 1 + accelerator.process_index + accelerator.num_processes * i
         fake.append(inception(to_uint8(generate(conditions, seed))).cpu())
+    if generate.nfe:
+        logger.info(f"FID sampling, this process: {nfe_summary(generate.nfe)}")
 
     def statistics(features: list[torch.Tensor]) -> tuple:
         # gather_object joins the processes' lists of feature batches (shards may be uneven)
@@ -569,22 +595,25 @@ def main(args: argparse.Namespace) -> Path:
     try:
         val_set, _ = build_dataset(args.data_path, "val", args.image_size, train_set.channels)
     except DataError as err:
-        if args.fid_every:
-            raise fail(f"{err} (FID is measured on val images)") from err
+        if args.fid_every and args.fid_reference == "val":
+            raise fail(f"{err} (FID is measured on val images; --fid-reference train uses the "
+                       "train split)") from err
+    reference_set = train_set if args.fid_reference == "train" else val_set
     fid_every = args.fid_every
-    if fid_every is None:  # the authors' behaviour, where a val split can give an FID
-        fid_every = args.sample_every if val_set is not None and len(val_set) > 1 else 0
-        if val_set is not None and not fid_every:
-            logger.warning(f"FID off: the val split has {len(val_set)} image (FID needs 2)")
+    if fid_every is None:  # the authors' behaviour, where the reference split can give an FID
+        fid_every = args.sample_every if reference_set is not None and len(reference_set) > 1 else 0
+        if reference_set is not None and not fid_every:
+            logger.warning(f"FID off: the {args.fid_reference} split has {len(reference_set)} "
+                           "image (FID needs 2)")
     fid_images = args.fid_images
     if args.samples is not None:
         fid_images = args.samples * args.batch_size * accelerator.num_processes
-        logger.info(f"--samples {args.samples}: FID on {fid_images} val images "
+        logger.info(f"--samples {args.samples}: FID on {fid_images} {args.fid_reference} images "
                     f"({args.samples} batches of {args.batch_size} per process)")
     generate = ImageSampler(ema, sampler, vae, text_encoder, in_channels, input_size,
                             args.cfg_scale)
     conditions = grid_conditions(args, val_set if val_set is not None else train_set)
-    inception = load_inception(args.inception, device) if fid_every else None
+    inception = load_inception(args.inception, device, args.fid_resize) if fid_every else None
     fid_reference = None
 
     if args.report_to == "tensorboard" and not tensorboard:
@@ -662,10 +691,10 @@ def main(args: argparse.Namespace) -> Path:
                     logger.info(f"Saved sample grid {grid}")
                 accelerator.wait_for_everyone()
             if fid_every and (train_steps % fid_every == 0 or last_step):
-                fid, fid_reference = compute_fid(accelerator, generate, val_set, fid_images,
+                fid, fid_reference = compute_fid(accelerator, generate, reference_set, fid_images,
                                                  args, inception, fid_reference)
                 logger.info(f"(step={train_steps:07d}) FID={fid:.3f} "
-                            f"({min(fid_images, len(val_set))} images)")
+                            f"({min(fid_images, len(reference_set))} images)")
                 accelerator.log({"fid": fid}, step=train_steps)
                 if fid < best_fid:
                     best_fid = fid

