@@ -10,8 +10,6 @@ upstream code at pinned commits: tests/upstream/README.md). Nothing upstream is 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +21,11 @@ from loader import load_checkpoint, load_model
 FIXTURES = Path(__file__).parent / "upstream" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
 COMPVIS = sorted(name for name, entry in MANIFEST.items() if entry["source"] == "zigma-compvis")
-# Largest |ours - theirs| allowed (float32, CPU) on outputs whose largest entries are 0.5 to 1.4.
-# Measured: at most 6.6e-7 over all fixtures, EMA and model weights (tests/upstream/README.md);
-# float32 rounding, e.g. our chunked scan against the Mamba authors' token-by-token reference.
-TOLERANCE = 2e-6
+# Largest |ours - theirs| allowed (float32, CPU) on outputs whose largest entries are 0.5 to 1.5.
+# Measured (`python -m tests.test_upstream_parity`): at most 6.6e-7 without text, 3.0e-6 with
+# Zigma's text cross-attention, where our float32 forward is 3.1e-6 from the same model in float64
+# and theirs 7e-7: float32 rounding, no difference in the function.
+TOLERANCE = 5e-6
 
 
 def expected_of(name: str) -> dict[str, torch.Tensor]:
@@ -43,15 +42,20 @@ def ours_on_their_inputs(model: torch.nn.Module, name: str) -> torch.Tensor:
         return model(expected["x"], t, **cond)
 
 
-@pytest.mark.parametrize("weights", ["ema", "model"])
-@pytest.mark.parametrize("name", sorted(MANIFEST))
-def test_upstream_checkpoint_computes_the_upstream_outputs(name: str, weights: str) -> None:
+def difference(name: str, weights: str) -> float:
+    """Largest |ours - theirs| of a fixture's checkpoint loaded with load_model."""
     model = load_model(FIXTURES / f"{name}.pt", weights=weights)
     theirs = expected_of(name)[f"{weights}_out"]
     ours = ours_on_their_inputs(model, name)
     assert ours.shape == theirs.shape
-    assert (ours - theirs).abs().max() <= TOLERANCE
     assert theirs.abs().max() > 0.5  # outputs of size ~1: the tolerance means something
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("weights", ["ema", "model"])
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_upstream_checkpoint_computes_the_upstream_outputs(name: str, weights: str) -> None:
+    assert difference(name, weights) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", COMPVIS)
@@ -63,12 +67,7 @@ def test_compvis_args_read_as_omegaconf_reads_them(name: str) -> None:
     assert meta["source"] == "zigma-compvis" and meta["step"] == 10_000
 
 
-def test_compvis_args_need_no_omegaconf() -> None:
-    # The reader must not depend on the installed omegaconf (it is not a requirement).
-    newest = max(COMPVIS, key=lambda n: MANIFEST[n]["writer"]["omegaconf"])
-    code = ("import sys; sys.modules['omegaconf'] = None; import loader; "
-            f"print(loader.load_checkpoint({str(FIXTURES / newest)!r} + '.pt')[0]['model'])")
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "Zigma"
+if __name__ == "__main__":  # python -m tests.test_upstream_parity: the measured differences
+    for fixture in sorted(MANIFEST):
+        for kind in ("ema", "model"):
+            print(f"{fixture:40s} {kind:5s} {difference(fixture, kind):.1e}")

@@ -117,10 +117,6 @@ def trained(model: torch.nn.Module, step: bool, x: torch.Tensor, t: torch.Tensor
     return opt, ema.eval()
 
 
-def write_expected(path: Path, inputs: dict, outputs: dict) -> None:
-    torch.save({**inputs, **outputs}, path)
-
-
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("omegaconf", "hydra", "timm", "numpy"):
@@ -157,8 +153,10 @@ USM_CASES = {  # flags, size, whether the optimizer has stepped (its state then 
                                False),
     "usm_classes_no_skips": (["--learn_pos_emb", "--use_convtranspose", "--num-classes", "3"],
                              SMALL, False),
+    # Width 2: the cross-attention has 8 heads of 64 at any width (4 x 512 x width per block).
+    "usm_text": (["--learn_pos_emb", "--use_convtranspose", "--skip_conn", "--has_text"],
+                 dict(SMALL, hidden_size=2), False),
 }
-# No USM text case: its cross-attention has 8 heads of 64 at any width, ~0.5 MB per fixture.
 CONTEXT = (5, 12)  # text tokens, context width
 
 
@@ -204,7 +202,7 @@ def write_usm(usm_src: Path, out: Path) -> None:
         # train.py: accelerator.save({...}) of best_<step>.pt and checkpoints/last.pt
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(),
                     "opt": opt.state_dict(), "args": args}, out / f"{name}.pt")
-        write_expected(out / f"{name}.expected.pt", inputs, outputs)
+        torch.save({**inputs, **outputs}, out / f"{name}.expected.pt")
         record(out, name, {"source": "usm-authors", "time": "1..1000", "argv": flags,
                            "size": size, "optimizer_stepped": step,
                            "saved_as": "train.py accelerator.save"})
@@ -274,7 +272,7 @@ def write_compvis(zigma_src: Path, out: Path, case: str) -> None:
                       "best_fid": 666}
         torch.save(checkpoint, out / f"{name}.pt")  # train_acc.py: f"{train_steps:07d}.pt"
         plain.update(omegaconf.OmegaConf.to_container(args))  # what the tests must read
-        write_expected(out / f"{name}.expected.pt", inputs, outputs)
+        torch.save({**inputs, **outputs}, out / f"{name}.expected.pt")
 
     # hydra.main as train_acc.py declares it (version_base exists from Hydra 1.2 on); it resolves
     # hydra.run.dir (${now:...}) as a real run does, below a temporary working directory.
@@ -289,8 +287,8 @@ def write_compvis(zigma_src: Path, out: Path, case: str) -> None:
     finally:
         os.chdir(cwd)
     record(out, name, {"source": "zigma-compvis", "time": "0..1", "overrides": overrides,
-                       "module_prefix": world > 1, "optimizer_stepped": step, "saved_as": "train_acc.py torch.save",
-                       "args_plain": plain})
+                       "module_prefix": world > 1, "optimizer_stepped": step,
+                       "saved_as": "train_acc.py torch.save", "args_plain": plain})
 
 
 def main() -> None:
