@@ -8,6 +8,8 @@ our loader and compare our forward with these outputs; nothing here is imported 
     python make_fixtures.py usm     --usm-src U --zigma-src Z --out DIR   # the USM authors' .pt
     python make_fixtures.py compvis --zigma-src Z --out DIR --case pe2    # CompVis' .pt, via Hydra
 
+make_fixtures.sh beside this file sets up the environments and runs every case.
+
 mamba_ssm's CUDA kernels are replaced by the Mamba authors' own PyTorch references shipped in
 CompVis' vendored copy (`selective_scan_ref`, `mamba_inner_ref`, `causal_conv1d_ref`, and
 `rms_norm_ref` / `layer_norm_ref` for the Triton norms), so everything runs on a CPU.
