@@ -11,7 +11,8 @@ Three layouts are read (UPSTREAM.md item 10 and "Zigma"):
   args an argparse.Namespace) and their accelerate `save_state` folders (model.safetensors = the
   model, model_1.safetensors = the EMA);
 - CompVis/zigma: `{:07d}.pt` ({"model", "ema", "opt", "args", ...}, args an OmegaConf DictConfig,
-  keys prefixed with `module.` by multi-GPU runs).
+  keys prefixed with `module.` by multi-GPU runs). The config is read as plain data under torch's
+  safe loading, whichever omegaconf pickled it, without omegaconf installed.
 A foreign checkpoint's architecture is read off its tensor shapes (width, stage split or depth,
 patch, channels, grid, classes, text and its context width, learned sigma); its `args` only add
 what shapes cannot show. The load is strict: every tensor is used, except the ones the authors'
@@ -22,7 +23,6 @@ All three take t in [0, 1]: the authors' 1..1000 time is our t * 1000 inside the
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import os
 import re
@@ -31,7 +31,6 @@ import typing
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf, base, nodes
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -44,12 +43,33 @@ USM_AUTHORS, ZIGMA_COMPVIS, OURS = "usm-authors", "zigma-compvis", "ours"
 # The USM release queried its model at t = 1 + 999 i / N on its 1..1000 scale (UPSTREAM.md item 6):
 # in our [0, 1] time, t_min + (1 - t_min) * i / N with this t_min.
 AUTHORS_T_MIN = 1e-3
-# Classes a checkpoint's pickle may hold besides tensors: DiT-style argparse args, and the
-# Hydra/OmegaConf config CompVis stores (read without running any other pickled code).
-_SAFE_GLOBALS = [argparse.Namespace, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata,
-                 nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode,
-                 nodes.BooleanNode, nodes.BytesNode, nodes.PathNode, nodes.EnumNode, typing.Any,
-                 collections.defaultdict, dict, list, int, float, str, bool]
+
+
+class _ConfigObject:
+    """Stands in for every class an OmegaConf config is pickled as (DictConfig, ListConfig, their
+    value nodes and metadata): the unpickler creates it under their names and hands it their
+    pickled state, from which `_config_value` takes the values. No omegaconf code runs, and any
+    omegaconf version's pickle reads the same (they differ in metadata only)."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.state = state
+
+
+def _plain_dict(*_default_factory: object) -> dict:
+    """Stands in for collections.defaultdict: every omegaconf version (2.1 to 2.4) pickles a
+    config's resolver cache as one, and a Hydra run fills it (the `${now:...}` of hydra.run.dir);
+    torch's safe unpickler refuses to fill a defaultdict, so it becomes a plain dict."""
+    return {}
+
+
+_OMEGACONF_CLASSES = ["dictconfig.DictConfig", "listconfig.ListConfig", "base.ContainerMetadata",
+                      "base.Metadata", *(f"nodes.{kind}Node" for kind in (
+                          "Any", "String", "Integer", "Float", "Boolean", "Bytes", "Path"))]
+# What a checkpoint's pickle may hold besides tensors: DiT-style argparse args, and the
+# Hydra/OmegaConf config CompVis stores, read as plain data.
+_SAFE_GLOBALS = [argparse.Namespace, typing.Any, dict, list, int, float, str, bool,
+                 (_plain_dict, "collections.defaultdict"),
+                 *((_ConfigObject, f"omegaconf.{name}") for name in _OMEGACONF_CLASSES)]
 
 
 #################################################################################
@@ -80,13 +100,24 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
+def _config_value(value: object) -> object:
+    """An unpickled OmegaConf config as plain dicts, lists and values (interpolations and "???"
+    stay strings, as OmegaConf.to_container leaves them)."""
+    if isinstance(value, _ConfigObject):  # a container's "_content" or a value node's "_val"
+        return _config_value(value.state.get("_content", value.state.get("_val")))
+    if isinstance(value, dict):
+        return {k: _config_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_config_value(v) for v in value]
+    return value
+
+
 def _plain(args: object) -> dict:
     """A checkpoint's args as a plain dict: argparse.Namespace, OmegaConf config or dict."""
     if isinstance(args, argparse.Namespace):
         return vars(args)
-    if isinstance(args, DictConfig):
-        return OmegaConf.to_container(args)
-    return dict(args) if isinstance(args, dict) else {}
+    value = _config_value(args)
+    return value if isinstance(value, dict) else {}
 
 
 def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
