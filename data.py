@@ -1,6 +1,6 @@
 """Training data: image folders, COCO captions, and a cache of VAE latents.
 
-Two layouts are read (SPEC.md "Data layout"):
+Two layouts are read (docs/upstream.md#data-layout):
 - an ImageFolder: <data>/train/<class>/*.png and <data>/val/... (torchvision's layout; a split
   folder holding the images directly, such as CelebA-HQ, counts as a single class);
 - COCO captions: <data>/{train,val}/*.jpg and <data>/annotations/{train,val}.json.

@@ -262,7 +262,8 @@ def load_weights(model: nn.Module, name: str, ckpt: Path, state_dict: dict) -> n
 
 def create_sampler(args: argparse.Namespace, objective: str, source: str) -> tuple[object, str]:
     """(sampler, short name for the folder name) from the flags of the checkpoint's objective.
-    The USM authors' checkpoints are sampled on their own time grid (UPSTREAM.md item 6)."""
+    The USM authors' checkpoints are sampled on their own time grid
+    (docs/upstream.md#time-convention)."""
     if objective == "rf":
         if args.respacing:
             raise fail("--respacing is for Gaussian diffusion; this checkpoint is rectified flow "

@@ -1,9 +1,9 @@
 """Checkpoints of the USM authors' release and of CompVis/zigma load strictly and exactly.
 
 The foreign checkpoints are written here from the key names and shapes their code uses
-(UPSTREAM.md item 10, CompVis' model_zigma.py): a model of ours with random weights is renamed
-into the foreign layout, saved as that code saves it, loaded back with `load_model`, and must
-compute exactly what it computed before.
+(docs/upstream.md#usm-checkpoints, CompVis' model_zigma.py): a model of ours with random weights
+is renamed into the foreign layout, saved as that code saves it, loaded back with `load_model`,
+and must compute exactly what it computed before.
 """
 
 import argparse

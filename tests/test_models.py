@@ -34,8 +34,9 @@ def test_registry_output_shapes(name: str) -> None:
 
 
 def test_usm_b_parameter_count_is_the_authors() -> None:
-    # UPSTREAM.md item 3: the authors' 170,571,268 less their unused ln_1 (25 x 1536) and
-    # unconditional y_embedder (768 x 768 + 768); README flags (--learn_pos_emb), 32x32x4.
+    # docs/upstream.md#parameter-counts: the authors' 170,571,268 less their unused ln_1
+    # (25 x 1536) and unconditional y_embedder (768 x 768 + 768); README flags (--learn_pos_emb),
+    # 32x32x4.
     with torch.device("meta"):
         model = USM_models["USM-B/1"](input_size=32, in_channels=4, learn_pos_emb=True)
     assert sum(p.numel() for p in model.parameters()) == 170_571_268 - 38_400 - 590_592
@@ -71,7 +72,8 @@ def test_stage_token_counts_and_paths_per_block() -> None:
 
 
 def test_usm_block_is_the_authors_formula() -> None:
-    # x + gate * (skip_scale * h + SS2D(h)), h = modulate(LayerNorm(x)) (UPSTREAM.md item 1).
+    # x + gate * (skip_scale * h + SS2D(h)), h = modulate(LayerNorm(x))
+    # (docs/upstream.md#usm-block).
     torch.manual_seed(0)
     model = tiny_usm()
     randomise_zero_init(model)
@@ -87,7 +89,7 @@ def test_usm_block_is_the_authors_formula() -> None:
 
 def test_zigma_is_mambas_residual_stream() -> None:
     # residual += x; h = RMSNorm(residual); x = h + gate * mixer(modulate(h)); then
-    # RMSNorm_f(residual + x) and a final layer without adaLN (UPSTREAM.md "Zigma").
+    # RMSNorm_f(residual + x) and a final layer without adaLN (docs/upstream.md#zigma-network).
     torch.manual_seed(0)
     model = Zigma(input_size=4, in_channels=2, hidden_size=32, depth=3).eval()
     randomise_zero_init(model)

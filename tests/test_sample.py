@@ -146,7 +146,7 @@ def test_labels_and_noise_follow_the_index():
 
 
 def test_authors_command_line_on_two_processes(experiment, tmp_path):
-    # SPEC.md's sampling command as written (model and size adapted to the tiny checkpoint), on
+    # The authors' sampling command as written (model and size adapted to the tiny checkpoint), on
     # two CPU processes: 7 samples, 4 + 3, the same images as one process with another batch size.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

@@ -234,7 +234,7 @@ def free_port() -> int:
 
 
 def launch_command(images: Path, results: Path, features: Path, *launcher: str) -> list[str]:
-    """accelerate launch of train.py with SPEC.md's training command as written (model and size
+    """accelerate launch of train.py with the authors' training command as written (model and size
     adapted to CPU, --sample-every 2 so that the run reaches it, a tiny FID network), on CPUs.
     accelerate 1.15 starts several CPU processes only through its multi-process (torchrun)
     launcher; ACCELERATE_USE_CPU (in LAUNCH_ENV) makes them use CPU + gloo."""
