@@ -14,7 +14,7 @@ script_s=$(( SECONDS - start ))
 # pytest's last line, e.g. "404 passed, 3 warnings in 117.07s (0:01:57)"
 summary=$(grep -E "^[0-9]+ passed" "$log" | tail -n 1)
 
-source .venv/bin/activate
+source "${VENV:-.venv}/bin/activate"  # the environment scripts/test.sh set up
 message=$(OMP_NUM_THREADS=1 python - <<'EOF' | tail -n 1
 """The tiny model of tests/test_train.py trained 2 steps; its weights file cut in half; the
 message verify_checkpoint gives, with the temporary folder left out."""

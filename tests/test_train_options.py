@@ -20,6 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import sampling
 import train
+from encoders import load_text_encoder
 from models import Zigma
 from selective_scan import dispatch
 from tests.deterministic_train import make_deterministic
@@ -149,14 +150,21 @@ def test_has_text_trains_on_one_caption_per_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "build_model", build_and_watch)
     exp = run(data, tmp_path / "r", "--has-text", "--text-encoder", str(clip),
-              "--cond-drop-prob", "0", "--max-steps", "1")
-    meta = train.read_meta(exp / "checkpoints" / "step-0000001")
+              "--cond-drop-prob", "0", "--max-steps", "3")
+    meta = train.read_meta(exp / "checkpoints" / "step-0000003")
     assert meta["args"]["has_text"] and meta["model_kwargs"]["context_dim"] == 16
-    (context,) = contexts  # one training step: CLIP's 77 token states of width 16 per image
-    assert context.shape == (4, 77, 16)
-    # Each image brings its own caption ("image i of train, ..."): four different contexts, where
-    # the authors' release drew one caption for the whole batch.
-    assert len({row.numpy().tobytes() for row in context}) == 4
+    # Which caption each context row encodes: CLIP's states of every (image i, caption j).
+    encoder = load_text_encoder(str(clip), "cpu")
+    captions = [(i, j) for i in range(4) for j in range(3)]
+    with torch.no_grad():
+        states = encoder([f"image {i} of train, caption number {j}" for i, j in captions])
+    picked = [[next(c for c, s in zip(captions, states, strict=True) if torch.allclose(row, s))
+               for row in context] for context in contexts]
+    assert len(picked) == 3  # three steps of the 4 images, every image with one of its captions
+    assert all(sorted(i for i, _ in batch) == [0, 1, 2, 3] for batch in picked)
+    # One caption drawn per image: within a batch the caption numbers differ (the authors'
+    # release drew one number for the whole batch).
+    assert any(len({j for _, j in batch}) > 1 for batch in picked), picked
 
 
 def test_two_processes_equal_one_at_the_same_global_batch(images, tmp_path, monkeypatch):
