@@ -36,12 +36,12 @@ from tests.test_train import (
 )
 
 
+SAVE_GRID = train.save_grid
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), per_class=5, size=8)
-
-
-SAVE_GRID = train.save_grid
 
 
 @pytest.fixture(autouse=True)
@@ -65,9 +65,9 @@ def optimizer_gradients():
     handle.remove()
 
 
-def initial_weights(data: Path, *extra: str) -> dict[str, torch.Tensor]:
+def initial_weights(data: Path) -> dict[str, torch.Tensor]:
     """The weights train.main starts from: it seeds with --global-seed, then builds the model."""
-    args = train.parse_args([*TINY, "--data-path", str(data), *extra])
+    args = train.parse_args([*TINY, "--data-path", str(data)])
     set_seed(args.global_seed)
     model, _ = sampling.build_model(args, 3, args.image_size, None)
     return model.state_dict()
