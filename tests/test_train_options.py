@@ -35,7 +35,6 @@ from tests.test_train import (
     run,
 )
 
-
 SAVE_GRID = train.save_grid
 
 
@@ -232,12 +231,21 @@ def test_zigma_drop_path_is_on_in_training_and_off_in_eval():
     # Eval: the network without drop path, whatever the rate.
     torch.testing.assert_close(model(x, t), plain.train()(x, t))
     model.train()
-    out = model(x, t)
-    # Training: six copies of one input come out different (branches dropped per sample) ...
-    assert len({row.detach().numpy().tobytes() for row in out}) > 1
-    # ... also by the layers' own drop paths, without the final one.
+
+    def distinct_rows() -> int:
+        return len({row.detach().numpy().tobytes() for row in model(x, t)})
+
+    # Training: six copies of one input come out different (branches dropped per sample), by the
+    # final drop path alone and by the layers' own alone.
+    final, layers = model.drop_path, [blk.drop_path for blk in model.blocks]
+    for blk in model.blocks:
+        blk.drop_path = torch.nn.Identity()
+    assert distinct_rows() > 1
     model.drop_path = torch.nn.Identity()
-    assert len({row.detach().numpy().tobytes() for row in model(x, t)}) > 1
+    assert distinct_rows() == 1  # no drop path left: deterministic
+    for blk, drop in zip(model.blocks, layers, strict=True):
+        blk.drop_path = drop
+    assert distinct_rows() > 1 and isinstance(final, DropPath)
 
 
 def test_train_loop_trains_zigma_with_drop_path_and_samples_without(images, tmp_path,
