@@ -334,7 +334,8 @@ def prepare_dataset(
 
 # Pretrained networks from the Hugging Face Hub: loaded once through encoders.py (diffusers' and
 # transformers' from_pretrained), which leaves them in the cache that training later reads.
-CLIP_REPO = "openai/clip-vit-large-patch14"  # SPEC.md: CLIP ViT-L/14 text encoder for COCO
+# CLIP ViT-L/14 text encoder for COCO (docs/upstream.md#usm-architecture)
+CLIP_REPO = "openai/clip-vit-large-patch14"
 
 
 def _hub_error(repo: str, err: Exception) -> ConnectionError:

@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel
 
-# Stable Diffusion's latent scale factor: makes the VAE latents roughly unit variance (SPEC.md).
+# Stable Diffusion's latent scale factor: makes the VAE latents roughly unit variance
+# (docs/upstream.md#usm-architecture).
 VAE_SCALE = 0.18215
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 CLIP_MAX_LENGTH = 77  # CLIP's context length; captions are padded/truncated to it

@@ -5,7 +5,7 @@
 
     python -m loader convert best_0200000.pt usm-afhq.pt
 
-Three layouts are read (UPSTREAM.md item 10 and "Zigma"):
+Three layouts are read (docs/upstream.md#usm-checkpoints and docs/upstream.md#zigma-checkpoints):
 - ours: a train.py checkpoint folder (meta.json records the model) or a .pt with "model_kwargs";
 - the USM authors' release: their `best_<step>.pt` / `last.pt` ({"model", "ema", "opt", "args"},
   args an argparse.Namespace) and their accelerate `save_state` folders (model.safetensors = the
@@ -40,8 +40,9 @@ from hub import local_checkpoint
 from models import USM, All_models, Zigma, sincos_pos_embed
 
 USM_AUTHORS, ZIGMA_COMPVIS, OURS = "usm-authors", "zigma-compvis", "ours"
-# The USM release queried its model at t = 1 + 999 i / N on its 1..1000 scale (UPSTREAM.md item 6):
-# in our [0, 1] time, t_min + (1 - t_min) * i / N with this t_min.
+# The USM release queried its model at t = 1 + 999 i / N on its 1..1000 scale
+# (docs/upstream.md#time-convention): in our [0, 1] time, t_min + (1 - t_min) * i / N with this
+# t_min.
 AUTHORS_T_MIN = 1e-3
 
 

@@ -5,7 +5,7 @@ USM: Ergasti et al., "U-Shape Mamba: State Space Model for faster diffusion", CV
 The layout follows DiT (Peebles & Xie 2023): embedders, blocks with adaLN-Zero, a final layer,
 and a registry of named configurations at the bottom of the file.
 
-Both networks are the published ones (../shared/UPSTREAM.md): with the same weights, USM computes
+Both networks are the published ones (docs/upstream.md): with the same weights, USM computes
 what the authors' release computes and Zigma what CompVis/zigma (config zigzag8_b1_pe2) computes,
 so their checkpoints load (loader.py). They share the selective scan, the SSM layer, the
 conditioning and the cross-attention; their blocks differ as their authors built them.
@@ -159,7 +159,7 @@ class SelectiveSSM(nn.Module):
 
 
 class SS2D(nn.Module):
-    """USM's 2-D selective scan with one zigzag direction (SPEC "SS2D").
+    """USM's 2-D selective scan with one zigzag direction (docs/upstream.md#usm-block).
 
     in_proj -> (x, z); depthwise 3x3 conv + SiLU on x in the 2-D layout; tokens gathered into
     the block's zigzag order (the authors' numbering, zigzag.py); selective scan; back to raster
@@ -235,7 +235,8 @@ class CrossAttention(nn.Module):
 
 class AdaLNBlock(nn.Module):
     """What the USM and Zigma blocks share: adaLN-Zero conditioning (DiT Sec. 3.2) and, with text,
-    a cross-attention step driven by a second shift/scale/gate triplet. There is no MLP (SPEC).
+    a cross-attention step driven by a second shift/scale/gate triplet. There is no MLP
+    (docs/upstream.md#usm-block).
 
     The modulation MLP is zero-initialised (by each model's init), so every gate starts at 0.
     """
@@ -259,7 +260,7 @@ class AdaLNBlock(nn.Module):
 
 
 class USMBlock(AdaLNBlock):
-    """One USM block (the authors' release, UPSTREAM.md item 1):
+    """One USM block (the authors' release, docs/upstream.md#usm-block):
 
         h = modulate(LayerNorm(x), shift, scale)
         x = x + gate * (skip_scale * h + SS2D(h))          [+ cross-attention]
@@ -287,7 +288,7 @@ class USMBlock(AdaLNBlock):
 
 
 class ZigmaBlock(AdaLNBlock):
-    """One Zigma layer (CompVis/zigma, UPSTREAM.md "Zigma"): Mamba's residual stream.
+    """One Zigma layer (CompVis/zigma, docs/upstream.md#zigma-network): Mamba's residual stream.
 
         residual = residual + drop_path(x)      (the first layer starts with residual = x)
         h = RMSNorm(residual)
@@ -341,7 +342,7 @@ class _Backbone(nn.Module):
 
     The positional embedding is learned (starting at zeros, as both releases start it) or the
     fixed sin-cos table, kept as a buffer in the state dict so that a checkpoint's stored table is
-    the one used (the authors' table is stored in their checkpoints; UPSTREAM.md item 5).
+    the one used (the authors' table is stored in their checkpoints; docs/upstream.md#usm-options).
     """
 
     def __init__(self, input_size: int | Sequence[int], patch_size: int, in_channels: int,
@@ -421,7 +422,7 @@ class _Backbone(nn.Module):
 
 
 class USM(_Backbone):
-    """U-Shape Mamba: a U-Net of Mamba blocks at constant width (SPEC "Architecture").
+    """U-Shape Mamba: a U-Net of Mamba blocks at constant width (docs/upstream.md#usm-architecture).
 
     Encoder: `stages[i]` blocks, then a stride-2 Conv2d (tokens / 4). Middle: one block.
     Decoder: up-sampling (ConvTranspose2d, or nearest + 3x3 conv), then `stages[i]` blocks in
@@ -472,9 +473,9 @@ class USM(_Backbone):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The authors' init (UPSTREAM.md item 4): every Linear xavier-uniform with zero bias,
-        except the SSM's own projections (raw parameters in their code, so Mamba's init stays);
-        then the shared embedder init, and a zero final layer (output 0 at init)."""
+        """The authors' init (docs/upstream.md#initialisation): every Linear xavier-uniform with
+        zero bias, except the SSM's own projections (raw parameters in their code, so Mamba's init
+        stays); then the shared embedder init, and a zero final layer (output 0 at init)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -512,7 +513,7 @@ class USM(_Backbone):
 
 
 class Zigma(_Backbone):
-    """The Zigma baseline as CompVis/zigma builds it (SPEC "Baseline", UPSTREAM.md "Zigma"): a
+    """The Zigma baseline as CompVis/zigma builds it (docs/upstream.md#zigma-network): a
     flat stack of Mamba layers at full resolution on Mamba's residual stream, layer i scanning
     along Zigma's zigzag path i mod 8, a final RMSNorm, and a final layer without adaLN.
 

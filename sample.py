@@ -277,7 +277,8 @@ def load_weights(model: nn.Module, name: str, ckpt: Path, state_dict: dict) -> n
 
 def create_sampler(args: argparse.Namespace, objective: str, source: str) -> tuple[object, str]:
     """(sampler, short name for the folder name) from the flags of the checkpoint's objective.
-    The USM authors' checkpoints are sampled on their own time grid (UPSTREAM.md item 6)."""
+    The USM authors' checkpoints are sampled on their own time grid
+    (docs/upstream.md#time-convention)."""
     if problem := sampler_problem(args, objective):
         raise fail(problem + (" (--respacing, e.g. ddim50 or 250)" if objective != "rf" else ""))
     if objective == "rf":

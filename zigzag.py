@@ -6,7 +6,7 @@ sequence are always 4-neighbours on the grid. Stacked blocks cycle through 8 suc
 every token is "early" in some scans and "late" in others.
 
 The two published models number their 8 paths differently, and a checkpoint only reproduces its
-outputs with its own numbering (UPSTREAM.md item 2), so both orders live here, by name:
+outputs with its own numbering (docs/upstream.md#zigzag-paths), so both orders live here, by name:
 
 - "zigma" (CompVis/zigma): path k starts at corner k // 2 (top-left, top-right, bottom-left,
   bottom-right) and is a row-wise snake for even k, a column-wise snake for odd k.

@@ -1,4 +1,5 @@
-"""Efficiency benchmark: USM against Zigma on the same hardware (SPEC "Published numbers").
+"""Efficiency benchmark: USM against Zigma on the same hardware (the published numbers:
+docs/upstream.md#published-numbers).
 
     python -m benchmarks.benchmark                 # CPU: a few minutes on 2 quiet cores
     python -m benchmarks.benchmark --full          # CPU: also the heavy cases (see --full)
@@ -49,7 +50,8 @@ LATENT_CHANNELS = 4  # SD-VAE latents: 256x256x3 -> 32x32x4
 MAIN_SIZE = 32  # the paper's setting: 256 px images
 CONTEXT = (77, 768)  # CLIP ViT-L/14 text encoder, last hidden state
 AUTHORS_BATCH = 8  # --batch_size of the authors' training command
-# The paper's anchors (SPEC): GFLOPs without / with text, and its relative claims.
+# The paper's anchors (docs/upstream.md#published-numbers): GFLOPs without / with text, and its
+# relative claims.
 PAPER = {
     "gflops": {"USM": (20.66, 40.84), "Zigma": (64.12, 105.94)},
     "faster": (0.73, 0.81),  # "x% faster sampling step", without / with text

@@ -11,8 +11,8 @@ distribution at t = 0 onto the data distribution at t = 1; sampling integrates i
 
 Timesteps are drawn logit-normal, t = sigmoid(n) with n ~ N(0, 1) ("log", the paper's default), or
 uniform over all of [0, 1] ("uniform"). The released code's "uniform" option drew t in [0, 1)
-without scaling it to its 1000-step range (SPEC.md, known defects); here both options give t in
-[0, 1] directly, the range the models expect.
+without scaling it to its 1000-step range (docs/upstream.md#known-defects); here both options give
+t in [0, 1] directly, the range the models expect.
 
 Samplers: Euler (the USM paper's, 25 steps), Heun, and dopri5, the adaptive Dormand-Prince 5(4)
 solver of torchdiffeq with which CompVis evaluated ZigMa (through SiT's transport code, whose linear
@@ -36,8 +36,8 @@ DOPRI5_ATOL, DOPRI5_RTOL = 1e-6, 1e-3
 class RectifiedFlow:
     """t_min: the sampler queries the model at t_min + (1 - t_min) t while stepping on the uniform
     grid of t. 0 is ours; the USM release queried t = 1 + 999 i / N of its 1..1000 scale with
-    steps of 1 / N, which is t_min = 0.001 here (UPSTREAM.md item 6). atol, rtol: dopri5's error
-    tolerances."""
+    steps of 1 / N, which is t_min = 0.001 here (docs/upstream.md#time-convention). atol, rtol:
+    dopri5's error tolerances."""
 
     def __init__(self, num_timesteps: int = 25, sampling: str = "log", sampler: str = "euler",
                  t_min: float = 0.0, atol: float = DOPRI5_ATOL, rtol: float = DOPRI5_RTOL):

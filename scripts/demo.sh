@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart command 1: train a tiny class-conditional USM on Fashion-MNIST on the CPU (about 13
-# minutes on 2 cores) and write a grid of samples, one row per class.
+# Quickstart command 1: train a tiny class-conditional USM on Fashion-MNIST on the CPU and write a
+# grid of samples, one row per class (it prints the time it took).
 # Usage: bash scripts/demo.sh   (run again, it finds the finished model and only prints)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -33,9 +33,33 @@ def test_registry_output_shapes(name: str) -> None:
     assert isinstance(model, USM if name in USM_models else Zigma)
 
 
+# (blocks, width, encoder stages) of every registry name: the published sizes
+# (docs/upstream.md#usm-architecture, #zigma-network) and the README's table.
+SIZES = {"USM-XL": (57, 1152, (10, 9, 9)), "USM-L": (49, 1024, (8, 8, 8)),
+         "USM-B": (25, 768, (4, 4, 4)), "USM-S": (13, 384, (2, 2, 2)), "USM-T": (7, 64, (1, 1, 1)),
+         "Zigma-B": (24, 768, None), "Zigma-S": (12, 384, None), "Zigma-T": (6, 64, None)}
+
+
+@pytest.mark.parametrize("name", sorted(All_models))
+def test_registry_builds_the_published_sizes(name: str) -> None:
+    with torch.device("meta"):
+        model = All_models[name](input_size=32, in_channels=4)
+    blocks, width, stages = SIZES[name.split("/")[0]]
+    assert model.pos_embed.shape[-1] == width
+    assert model.x_embedder.proj.kernel_size == (int(name.split("/")[1]),) * 2
+    if stages is None:
+        assert len(model.blocks) == blocks
+    else:
+        assert model.stages == stages and 2 * sum(stages) + 1 == blocks
+        assert [len(s) for s in model.enc_blocks] == [len(s) for s in model.dec_blocks][::-1]
+        assert [len(s) for s in model.enc_blocks] == [*stages]  # the decoder mirrors them
+        assert len(model.downs) == len(model.ups) == 3
+
+
 def test_usm_b_parameter_count_is_the_authors() -> None:
-    # UPSTREAM.md item 3: the authors' 170,571,268 less their unused ln_1 (25 x 1536) and
-    # unconditional y_embedder (768 x 768 + 768); README flags (--learn_pos_emb), 32x32x4.
+    # docs/upstream.md#parameter-counts: the authors' 170,571,268 less their unused ln_1
+    # (25 x 1536) and unconditional y_embedder (768 x 768 + 768); README flags (--learn_pos_emb),
+    # 32x32x4.
     with torch.device("meta"):
         model = USM_models["USM-B/1"](input_size=32, in_channels=4, learn_pos_emb=True)
     assert sum(p.numel() for p in model.parameters()) == 170_571_268 - 38_400 - 590_592
@@ -71,7 +95,8 @@ def test_stage_token_counts_and_paths_per_block() -> None:
 
 
 def test_usm_block_is_the_authors_formula() -> None:
-    # x + gate * (skip_scale * h + SS2D(h)), h = modulate(LayerNorm(x)) (UPSTREAM.md item 1).
+    # x + gate * (skip_scale * h + SS2D(h)), h = modulate(LayerNorm(x))
+    # (docs/upstream.md#usm-block).
     torch.manual_seed(0)
     model = tiny_usm()
     randomise_zero_init(model)
@@ -87,7 +112,7 @@ def test_usm_block_is_the_authors_formula() -> None:
 
 def test_zigma_is_mambas_residual_stream() -> None:
     # residual += x; h = RMSNorm(residual); x = h + gate * mixer(modulate(h)); then
-    # RMSNorm_f(residual + x) and a final layer without adaLN (UPSTREAM.md "Zigma").
+    # RMSNorm_f(residual + x) and a final layer without adaLN (docs/upstream.md#zigma-network).
     torch.manual_seed(0)
     model = Zigma(input_size=4, in_channels=2, hidden_size=32, depth=3).eval()
     randomise_zero_init(model)
@@ -203,7 +228,11 @@ def test_decoder_consumes_encoder_outputs_last_in_first_out() -> None:
 def test_skip_connections_can_be_turned_off() -> None:
     model = tiny_usm(skip_conn=False, use_convtranspose=False)
     assert not any("skip_linear" in n for n, _ in model.named_parameters())
-    assert model(torch.randn(1, 2, 16, 16), torch.rand(1)).shape == (1, 2, 16, 16)
+    skips = []
+    for blk in (b for s in model.dec_blocks for b in s):
+        blk.register_forward_pre_hook(lambda m, args: skips.append(args[3]))
+    model(torch.randn(1, 2, 16, 16), torch.rand(1))
+    assert skips == [None] * 3  # every decoder block ran, none was given an encoder output
 
 
 def test_skip_gate_drops_the_z_branch_except_in_the_middle_block() -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from download import find_model
-from loader import load_checkpoint
+from loader import load_checkpoint, load_model
 from models import USM, All_models
 from tests.fixtures import (
     make_coco_folder,
@@ -178,7 +178,7 @@ def test_labels_and_noise_follow_the_index():
 
 
 def test_authors_command_line_on_two_processes(experiment, tmp_path):
-    # SPEC.md's sampling command as written (model and size adapted to the tiny checkpoint), on
+    # The authors' sampling command as written (model and size adapted to the tiny checkpoint), on
     # two CPU processes: 7 samples, 4 + 3, the same images as one process with another batch size.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -294,3 +294,26 @@ def test_resuming_into_a_folder_of_other_settings_is_refused(experiment, tmp_pat
     run(experiment, tmp_path / "s", "--num-samples", "1")
     with pytest.raises(SystemExit, match="other settings .*global_seed: 0 -> 3"):
         run(experiment, tmp_path / "s", "--num-samples", "1", "--global-seed", "3")
+
+
+def test_heun_sampler_end_to_end_is_the_hand_written_heun(experiment, tmp_path):
+    # Heun's method written out here (slopes at both ends of a step, averaged; a plain Euler last
+    # step, as README and diffusion/rectified_flow.py state) on the checkpoint's EMA weights, from
+    # the noise and labels sample.py documents for each index.
+    steps, n = 3, 4
+    folder = run(experiment, tmp_path / "heun", "--sampler", "heun", "--num-sampling-steps",
+                 str(steps), "--num-samples", str(n))
+    model = load_model(experiment / "checkpoints" / "step-0000004")
+    x = sample.sample_noise(list(range(n)), (3, 8, 8), global_seed=0)
+    y, h = torch.arange(n) % 2, 1 / steps
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((n,), i * h)
+            v = model(x, t, y)
+            if i < steps - 1:
+                v = (v + model(x + h * v, t + h, y)) / 2
+            x = x + h * v
+    expected = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert_same_images(pixels(folder, n), expected.astype(np.uint8))
+    euler = run(experiment, tmp_path / "euler", *FAST, "--num-samples", str(n))
+    assert np.abs(pixels(euler, n).astype(int) - expected).mean() > 0.5

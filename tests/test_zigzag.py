@@ -32,7 +32,7 @@ def test_inverse_undoes_the_path(h: int, w: int, k: int, order: str) -> None:
 
 # A 2 x 3 grid in raster order:   0 1 2
 #                                 3 4 5
-USM_2x3 = [  # UPSTREAM.md item 2, the USM authors' numbering
+USM_2x3 = [  # docs/upstream.md#zigzag-paths, the USM authors' numbering
     [0, 1, 2, 5, 4, 3],  # 0: row snake from the top-left
     [3, 4, 5, 2, 1, 0],  # 1: path 0 backwards
     [2, 1, 0, 3, 4, 5],  # 2: row snake from the top-right
