@@ -1,0 +1,405 @@
+// The selective scan (Mamba, Gu & Dao 2023, eq. 2a/2b) fused for the CPU: forward and backward.
+//
+// Built on first use by selective_scan/cpu.py through torch.utils.cpp_extension and called
+// through ctypes with raw pointers, so it includes no torch header (the build takes seconds, not
+// the minutes torch/extension.h costs). All tensors are contiguous, in one dtype (float or
+// double); cpu.py allocates every output.
+//
+// Layout of the work. A scan of one channel is a chain of dependent steps, one per token, too
+// short per step to keep a core busy; so a vector holds W = 8 channels of one B/C group and the
+// scan runs them side by side: their N states live in registers, B_t and C_t are broadcast per
+// token, and softplus, the skip and the gate are computed per vector, with no horizontal sum.
+// The tokens go in tiles of TL: a tile's inputs are transposed from (channel, token) into small
+// (token, lane) buffers, its outputs transposed back, so nothing of size (B, Di, L, N) is ever
+// written. The forward saves the state at every tile start (1/TL of the states); the backward
+// walks the tiles in reverse, recomputes the states of a tile from its start, and runs the adjoint
+// recurrence backwards through it. Work items are (batch, block of W channels), split over threads
+// in fixed contiguous ranges; reductions over items (dA, dD, d delta_bias over the batch; dB, dC
+// over a group's blocks) are left to the caller, so results do not depend on the thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int W = 8;    // channels per vector
+constexpr int TL = 32;  // tokens per tile: a tile's states (TL x N x W) stay in L1 in the backward
+
+typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
+typedef double vdouble __attribute__((vector_size(W * sizeof(double))));
+typedef int32_t vint32 __attribute__((vector_size(W * sizeof(int32_t))));
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { typedef vfloat type; };
+template <> struct VecOf<double> { typedef vdouble type; };
+
+// exp, log1p on [0, 1] and sigmoid, lane by lane. float: Cephes' polynomials (about 1 ulp),
+// vectorised; double (the checks' dtype): the C library, one lane at a time.
+inline vfloat vexp(vfloat x) {
+  const vint32 underflow = x < -87.33654f;  // exp < FLT_MIN: 0
+  x = x < -87.33654f ? vfloat{} - 87.33654f : x;
+  x = x > 88.37626f ? vfloat{} + 88.37626f : x;
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + magic) - magic;  // round(x / ln 2)
+  vfloat r = x - n * 0.693359375f;  // x - n ln 2 in two parts (Cody-Waite)
+  r = r - n * -2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const vint32 two_n = (__builtin_convertvector(n, vint32) + 127) << 23;
+  const vfloat result = p * (vfloat)two_n;
+  return (vfloat)((vint32)result & ~underflow);
+}
+
+inline vfloat vlog1p_unit(vfloat e) {  // log(1 + e) for e in [0, 1]: 2 atanh(e / (2 + e))
+  const vfloat s = e / (e + 2.f), s2 = s * s;  // s <= 1/3: the series' 9th term is < 4e-9
+  vfloat p = vfloat{} + 1.f / 17;
+  for (int k = 15; k >= 1; k -= 2) p = p * s2 + 1.f / k;
+  return 2.f * s * p;
+}
+
+inline vfloat vsigmoid(vfloat x) { return 1.f / (1.f + vexp(-x)); }
+
+inline vdouble vexp(vdouble x) {
+  for (int j = 0; j < W; ++j) x[j] = std::exp(x[j]);
+  return x;
+}
+
+inline vdouble vlog1p_unit(vdouble e) {
+  for (int j = 0; j < W; ++j) e[j] = std::log1p(e[j]);
+  return e;
+}
+
+inline vdouble vsigmoid(vdouble x) {
+  for (int j = 0; j < W; ++j) x[j] = 1 / (1 + std::exp(-x[j]));
+  return x;
+}
+
+template <typename V> inline V vmax0(V x) { return x > 0 ? x : V{}; }
+
+template <typename V> inline V vabs(V x) { return x < 0 ? -x : x; }
+
+template <typename V> inline V softplus(V x) { return vmax0(x) + vlog1p_unit(vexp(-vabs(x))); }
+
+template <typename V, typename T> inline T lane_sum(V v) {
+  T s = v[0];
+  for (int j = 1; j < W; ++j) s += v[j];
+  return s;
+}
+
+}  // namespace
+
+// What cpu.py passes (a ctypes.Structure there mirrors it field by field). Shapes as mamba_ssm's
+// selective_scan_fn: u, delta, z, out (batch, dim, length); A (dim, state); B, C (batch, groups,
+// state, length); D, delta_bias (dim). Optional inputs are null when absent. `states` is
+// (batch, blocks, tiles, state, W): the forward fills it when it is not null, the backward reads
+// it. The backward writes du, ddelta, dz like u, and per item partial sums: dA_part
+// (batch, dim, state), dD_part and dbias_part (batch, dim), dB_part and dC_part
+// (batch, blocks, state, length), where blocks = groups * ceil(dim / groups / W).
+struct ScanProblem {
+  int64_t batch, dim, length, state, groups, softplus, threads;
+  const void *u, *delta, *A, *B, *C, *D, *z, *delta_bias;
+  void *out, *states;
+  const void *grad_out;
+  void *du, *ddelta, *dz, *dA_part, *dD_part, *dbias_part, *dB_part, *dC_part;
+};
+
+namespace {
+
+struct Block {  // W channels of one group (fewer in a group's last block)
+  int64_t b, index, group, first, lanes;
+};
+
+int64_t blocks_per_group(const ScanProblem& p) {
+  return (p.dim / p.groups + W - 1) / W;
+}
+
+int64_t n_tiles(const ScanProblem& p) { return (p.length + TL - 1) / TL; }
+
+// One tile of one block: its inputs by token (index t), W channels per vector.
+template <typename T> struct Tile {
+  typedef typename VecOf<T>::type V;
+  int64_t start, len;
+  V x[TL], dt[TL], dtx[TL], y[TL];  // u; delta after bias and softplus; dt * u; y (see below)
+};
+
+// Rows [first, first + lanes) of a (batch, dim, length) tensor, tokens [start, start + len),
+// into buf[t][lane]; missing lanes read as 0.
+template <typename T, typename V>
+void load_tile(const T* src, const ScanProblem& p, const Block& k, int64_t start, int64_t len,
+               V* buf) {
+  std::memset(static_cast<void*>(buf), 0, sizeof(V) * TL);
+  for (int64_t j = 0; j < k.lanes; ++j) {
+    const T* row = src + (k.b * p.dim + k.first + j) * p.length + start;
+    for (int64_t t = 0; t < len; ++t) buf[t][j] = row[t];
+  }
+}
+
+template <typename T, typename V>
+void store_tile(const V* buf, const ScanProblem& p, const Block& k, int64_t start, int64_t len,
+                T* dst) {
+  for (int64_t j = 0; j < k.lanes; ++j) {
+    T* row = dst + (k.b * p.dim + k.first + j) * p.length + start;
+    for (int64_t t = 0; t < len; ++t) row[t] = buf[t][j];
+  }
+}
+
+// A per-channel vector (D, delta_bias, a column of A) of the block's lanes; missing lanes 0.
+template <typename T, typename V>
+V load_lanes(const T* src, const Block& k, int64_t stride) {
+  V v = {};
+  for (int64_t j = 0; j < k.lanes; ++j) v[j] = src[(k.first + j) * stride];
+  return v;
+}
+
+template <typename T, typename V>
+void store_lanes(V v, const Block& k, int64_t stride, T* dst) {
+  for (int64_t j = 0; j < k.lanes; ++j) dst[(k.first + j) * stride] = v[j];
+}
+
+// x, dt (delta + delta_bias, softplus'd if asked) and dt * x of a tile. sig_dt, when asked for,
+// gets softplus' = sigmoid of the argument (1 without softplus): the chain rule for delta.
+template <typename T>
+void prepare_inputs(const ScanProblem& p, const Block& k, Tile<T>& tile,
+                    typename Tile<T>::V* sig_dt = nullptr) {
+  typedef typename Tile<T>::V V;
+  load_tile(static_cast<const T*>(p.u), p, k, tile.start, tile.len, tile.x);
+  load_tile(static_cast<const T*>(p.delta), p, k, tile.start, tile.len, tile.dt);
+  const V bias = p.delta_bias ? load_lanes<T, V>(static_cast<const T*>(p.delta_bias), k, 1) : V{};
+  for (int64_t t = 0; t < tile.len; ++t) {
+    const V arg = tile.dt[t] + bias;
+    tile.dt[t] = p.softplus ? softplus(arg) : arg;
+    if (sig_dt) sig_dt[t] = p.softplus ? vsigmoid(arg) : V{} + 1;
+    tile.dtx[t] = tile.dt[t] * tile.x[t];
+  }
+}
+
+// Eq. 2a over a tile for the states [n0, n0 + NS), held in registers: h <- exp(dt A) h + dt B x,
+// adding C h to tile.y. With `keep`, also h of every token into keep[t * N + n] and the gradient
+// of C, sum over lanes of gy h, into dC (state-major, stride length).
+template <int NS, typename T>
+void scan_states(const ScanProblem& p, int64_t n0, Tile<T>& tile, const typename Tile<T>::V* A,
+                 typename Tile<T>::V* h, const T* B, const T* C,
+                 typename Tile<T>::V* keep = nullptr, const typename Tile<T>::V* gy = nullptr,
+                 T* dC = nullptr) {
+  typedef typename Tile<T>::V V;
+  V hr[NS], Ar[NS];
+  for (int n = 0; n < NS; ++n) hr[n] = h[n0 + n], Ar[n] = A[n0 + n];
+  const int64_t L = p.length;
+  for (int64_t t = 0; t < tile.len; ++t) {
+    const V dt = tile.dt[t], dtx = tile.dtx[t];
+    V y = tile.y[t];
+    for (int n = 0; n < NS; ++n) {
+      hr[n] = vexp(dt * Ar[n]) * hr[n] + dtx * B[(n0 + n) * L + t];
+      y += hr[n] * C[(n0 + n) * L + t];
+    }
+    tile.y[t] = y;
+    if (keep) {
+      for (int n = 0; n < NS; ++n) {
+        keep[t * p.state + n0 + n] = hr[n];
+        dC[(n0 + n) * L + t] = lane_sum<V, T>(gy[t] * hr[n]);
+      }
+    }
+  }
+  for (int n = 0; n < NS; ++n) h[n0 + n] = hr[n];
+}
+
+// scan_states over all N states, NS at a time (16, then 8, 4, 2, 1 for the rest).
+template <typename T, typename... Args>
+void scan_all_states(const ScanProblem& p, Args&&... args) {
+  int64_t n0 = 0;
+  for (; n0 + 16 <= p.state; n0 += 16) scan_states<16, T>(p, n0, args...);
+  for (; n0 + 8 <= p.state; n0 += 8) scan_states<8, T>(p, n0, args...);
+  for (; n0 + 4 <= p.state; n0 += 4) scan_states<4, T>(p, n0, args...);
+  for (; n0 < p.state; ++n0) scan_states<1, T>(p, n0, args...);
+}
+
+// The block's column of A, state by state.
+template <typename T>
+std::vector<typename VecOf<T>::type> load_A(const ScanProblem& p, const Block& k) {
+  std::vector<typename VecOf<T>::type> A(p.state);
+  for (int64_t n = 0; n < p.state; ++n)
+    A[n] = load_lanes<T, typename VecOf<T>::type>(static_cast<const T*>(p.A) + n, k, p.state);
+  return A;
+}
+
+template <typename T> const T* group_rows(const ScanProblem& p, const void* BC, const Block& k) {
+  return static_cast<const T*>(BC) + (k.b * p.groups + k.group) * p.state * p.length;
+}
+
+template <typename T> T* state_slot(const ScanProblem& p, const Block& k, int64_t tile) {
+  const int64_t blocks = p.groups * blocks_per_group(p);
+  return static_cast<T*>(p.states) + ((k.b * blocks + k.index) * n_tiles(p) + tile) * p.state * W;
+}
+
+// The output gate: y * silu(z), in place.
+template <typename T> void gate(const ScanProblem& p, const Block& k, Tile<T>& tile) {
+  typedef typename Tile<T>::V V;
+  V z[TL];
+  load_tile(static_cast<const T*>(p.z), p, k, tile.start, tile.len, z);
+  for (int64_t t = 0; t < tile.len; ++t) tile.y[t] *= z[t] * vsigmoid(z[t]);
+}
+
+template <typename T> void forward_item(const ScanProblem& p, const Block& k) {
+  typedef typename VecOf<T>::type V;
+  const std::vector<V> A = load_A<T>(p, k);
+  std::vector<V> h(p.state, V{});
+  const T *B = group_rows<T>(p, p.B, k), *C = group_rows<T>(p, p.C, k);
+  const V D = p.D ? load_lanes<T, V>(static_cast<const T*>(p.D), k, 1) : V{};
+  Tile<T> tile;
+  for (int64_t i = 0; i < n_tiles(p); ++i) {
+    tile.start = i * TL;
+    tile.len = std::min<int64_t>(TL, p.length - tile.start);
+    if (p.states) std::memcpy(state_slot<T>(p, k, i), h.data(), sizeof(V) * p.state);
+    prepare_inputs(p, k, tile);
+    for (int64_t t = 0; t < tile.len; ++t) tile.y[t] = D * tile.x[t];  // the skip term of 2b
+    scan_all_states<T>(p, tile, A.data(), h.data(), B + tile.start, C + tile.start);
+    if (p.z) gate(p, k, tile);
+    store_tile(tile.y, p, k, tile.start, tile.len, static_cast<T*>(p.out));
+  }
+}
+
+// The adjoint recurrence over a tile, tokens in reverse, for the states [n0, n0 + NS):
+// lam_t = gy_t C_t + exp(dt_{t+1} A) lam_{t+1} is the gradient of h_t. It accumulates, per
+// token, sum_n lam B (sB, for du and ddt) and sum_n lam A exp(dt A) h_{t-1} (sq, for ddt), dA per
+// state, and writes dB, the sum over lanes of lam dt x.
+template <int NS, typename T>
+void adjoint_states(const ScanProblem& p, int64_t n0, const Tile<T>& tile, const typename Tile<T>::V* A,
+                    typename Tile<T>::V* lam, typename Tile<T>::V* dA,
+                    const typename Tile<T>::V* hs, const typename Tile<T>::V* h0,
+                    const typename Tile<T>::V* gy, typename Tile<T>::V* sB,
+                    typename Tile<T>::V* sq, const T* B, const T* C, T* dB) {
+  typedef typename Tile<T>::V V;
+  V lr[NS], Ar[NS], dAr[NS];
+  for (int n = 0; n < NS; ++n) lr[n] = lam[n0 + n], Ar[n] = A[n0 + n], dAr[n] = dA[n0 + n];
+  const int64_t L = p.length, N = p.state;
+  for (int64_t t = tile.len - 1; t >= 0; --t) {
+    const V dt = tile.dt[t], dtx = tile.dtx[t], g = gy[t];
+    const V* prev = t > 0 ? hs + (t - 1) * N : h0;
+    V sb = {}, s = {};
+    for (int n = 0; n < NS; ++n) {
+      const V a = vexp(dt * Ar[n]);
+      const V l = lr[n] + g * C[(n0 + n) * L + t];
+      dB[(n0 + n) * L + t] = lane_sum<V, T>(l * dtx);
+      sb += l * B[(n0 + n) * L + t];
+      const V q = l * a * prev[n0 + n];
+      s += q * Ar[n];
+      dAr[n] += q * dt;
+      lr[n] = l * a;
+    }
+    sB[t] += sb;
+    sq[t] += s;
+  }
+  for (int n = 0; n < NS; ++n) lam[n0 + n] = lr[n], dA[n0 + n] = dAr[n];
+}
+
+template <typename T, typename... Args>
+void adjoint_all_states(const ScanProblem& p, Args&&... args) {
+  int64_t n0 = 0;
+  for (; n0 + 16 <= p.state; n0 += 16) adjoint_states<16, T>(p, n0, args...);
+  for (; n0 + 8 <= p.state; n0 += 8) adjoint_states<8, T>(p, n0, args...);
+  for (; n0 + 4 <= p.state; n0 += 4) adjoint_states<4, T>(p, n0, args...);
+  for (; n0 < p.state; ++n0) adjoint_states<1, T>(p, n0, args...);
+}
+
+template <typename T> void backward_item(const ScanProblem& p, const Block& k) {
+  typedef typename VecOf<T>::type V;
+  const int64_t N = p.state, L = p.length, blocks = p.groups * blocks_per_group(p);
+  const std::vector<V> A = load_A<T>(p, k);
+  std::vector<V> h0(N), h(N), lam(N, V{}), dA(N, V{}), hs(TL * N);
+  const T *B = group_rows<T>(p, p.B, k), *C = group_rows<T>(p, p.C, k);
+  T* dB = static_cast<T*>(p.dB_part) + (k.b * blocks + k.index) * N * L;
+  T* dC = static_cast<T*>(p.dC_part) + (k.b * blocks + k.index) * N * L;
+  const V D = p.D ? load_lanes<T, V>(static_cast<const T*>(p.D), k, 1) : V{};
+  V dD = {}, dbias = {};
+  V sig[TL], g[TL], z[TL], sz[TL], gy[TL], sB[TL], sq[TL], du[TL], ddelta[TL];
+  Tile<T> tile;
+  for (int64_t i = n_tiles(p) - 1; i >= 0; --i) {
+    tile.start = i * TL;
+    tile.len = std::min<int64_t>(TL, L - tile.start);
+    prepare_inputs(p, k, tile, sig);
+    load_tile(static_cast<const T*>(p.grad_out), p, k, tile.start, tile.len, g);
+    if (p.z) load_tile(static_cast<const T*>(p.z), p, k, tile.start, tile.len, z);
+    for (int64_t t = 0; t < tile.len; ++t) {
+      tile.y[t] = D * tile.x[t];
+      sz[t] = p.z ? vsigmoid(z[t]) : V{};
+      gy[t] = p.z ? g[t] * z[t] * sz[t] : g[t];  // the gradient of y, before the gate
+      sB[t] = sq[t] = V{};
+    }
+    std::memcpy(h0.data(), state_slot<T>(p, k, i), sizeof(V) * N);
+    h = h0;
+    scan_all_states<T>(p, tile, A.data(), h.data(), B + tile.start, C + tile.start, hs.data(),
+                       gy, dC + tile.start);
+    if (p.z) {  // d/dz of y silu(z) = y sigmoid(z) (1 + z (1 - sigmoid(z)))
+      for (int64_t t = 0; t < tile.len; ++t)
+        g[t] *= tile.y[t] * sz[t] * (1 + z[t] * (1 - sz[t]));
+      store_tile(g, p, k, tile.start, tile.len, static_cast<T*>(p.dz));
+    }
+    adjoint_all_states<T>(p, tile, A.data(), lam.data(), dA.data(), hs.data(), h0.data(), gy, sB,
+                          sq, B + tile.start, C + tile.start, dB + tile.start);
+    for (int64_t t = 0; t < tile.len; ++t) {
+      du[t] = sB[t] * tile.dt[t] + gy[t] * D;
+      ddelta[t] = (sB[t] * tile.x[t] + sq[t]) * sig[t];
+      dD += gy[t] * tile.x[t];
+      dbias += ddelta[t];
+    }
+    store_tile(du, p, k, tile.start, tile.len, static_cast<T*>(p.du));
+    store_tile(ddelta, p, k, tile.start, tile.len, static_cast<T*>(p.ddelta));
+  }
+  const int64_t row = k.b * p.dim;
+  for (int64_t n = 0; n < N; ++n)
+    store_lanes(dA[n], k, N, static_cast<T*>(p.dA_part) + row * N + n);
+  store_lanes(dD, k, 1, static_cast<T*>(p.dD_part) + row);
+  store_lanes(dbias, k, 1, static_cast<T*>(p.dbias_part) + row);
+}
+
+// Every (batch, block) item through `item`, in p.threads contiguous ranges of items.
+template <typename F> void for_each_block(const ScanProblem& p, F item) {
+  const int64_t per_group = blocks_per_group(p), blocks = p.groups * per_group;
+  const int64_t items = p.batch * blocks;
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      Block k;
+      k.b = i / blocks;
+      k.index = i % blocks;
+      k.group = k.index / per_group;
+      const int64_t in_group = (k.index % per_group) * W;
+      k.first = k.group * (p.dim / p.groups) + in_group;
+      k.lanes = std::min<int64_t>(W, p.dim / p.groups - in_group);
+      item(p, k);
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min(p.threads, items));
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back(run, items * i / threads, items * (i + 1) / threads);
+    } catch (...) {  // no thread to be had: this one does the range
+      run(items * i / threads, items * (i + 1) / threads);
+    }
+  }
+  run(0, items / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t selective_scan_lanes() { return W; }
+int64_t selective_scan_tile() { return TL; }
+
+void selective_scan_fwd_float(const ScanProblem* p) { for_each_block(*p, forward_item<float>); }
+void selective_scan_fwd_double(const ScanProblem* p) { for_each_block(*p, forward_item<double>); }
+void selective_scan_bwd_float(const ScanProblem* p) { for_each_block(*p, backward_item<float>); }
+void selective_scan_bwd_double(const ScanProblem* p) { for_each_block(*p, backward_item<double>); }
+
+}
