@@ -17,16 +17,10 @@
 // the sums over items (dA, dD, d delta_bias over the batch; dB, dC over a group's blocks) are
 // left to the caller, so no result depends on the number of threads.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <type_traits>
-#include <vector>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
+// Headers: C ones only (<thread>, <vector> and <immintrin.h> would double the build time).
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
 
 namespace {
 
@@ -47,7 +41,7 @@ template <> struct VecOf<double> { typedef vdouble type; };
 
 inline vfloat clamp(vfloat x, float lo, float hi) {
 #if defined(__AVX__)
-  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+  return __builtin_ia32_minps256(__builtin_ia32_maxps256(x, vfloat{} + lo), vfloat{} + hi);
 #else
   x = x < lo ? vfloat{} + lo : x;
   return x > hi ? vfloat{} + hi : x;
@@ -85,17 +79,17 @@ inline vfloat vlog1p_unit(vfloat e) {  // log(1 + e) for e in [0, 1]: 2 atanh(e 
 inline vfloat vsigmoid(vfloat x) { return 1.f / (1.f + vexp(-x)); }
 
 inline vdouble vexp(vdouble x) {
-  for (int j = 0; j < W; ++j) x[j] = std::exp(x[j]);
+  for (int j = 0; j < W; ++j) x[j] = exp(x[j]);
   return x;
 }
 
 inline vdouble vlog1p_unit(vdouble e) {
-  for (int j = 0; j < W; ++j) e[j] = std::log1p(e[j]);
+  for (int j = 0; j < W; ++j) e[j] = log1p(e[j]);
   return e;
 }
 
 inline vdouble vsigmoid(vdouble x) {
-  for (int j = 0; j < W; ++j) x[j] = 1 / (1 + std::exp(-x[j]));
+  for (int j = 0; j < W; ++j) x[j] = 1 / (1 + exp(-x[j]));
   return x;
 }
 
@@ -116,12 +110,27 @@ template <typename V, typename T> inline void lane_sums8(const V* v, T* out) {
 template <> inline void lane_sums8<vfloat, float>(const vfloat* v, float* out) {
   // hadd pairs neighbours within each 128-bit half: after two rounds, half h of ab holds the
   // partial sums of v[0..3] over lanes 4h..4h+3, and likewise cd for v[4..7].
-  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
-                                      _mm256_permute2f128_ps(ab, cd, 0x31)));
+  const vfloat ab = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[0], v[1]),
+                                             __builtin_ia32_haddps256(v[2], v[3]));
+  const vfloat cd = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[4], v[5]),
+                                             __builtin_ia32_haddps256(v[6], v[7]));
+  const vfloat sums = __builtin_ia32_vperm2f128_ps256(ab, cd, 0x20) +
+                      __builtin_ia32_vperm2f128_ps256(ab, cd, 0x31);
+  for (int i = 0; i < 8; ++i) out[i] = sums[i];
 }
 #endif
+
+template <typename X> inline X min(X a, X b) { return a < b ? a : b; }
+
+// An array of n values, zeroed, freed at the end of its scope.
+template <typename V> struct Buffer {
+  V* data;
+  explicit Buffer(int64_t n) : data(new V[n]()) {}
+  ~Buffer() { delete[] data; }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  V& operator[](int64_t i) { return data[i]; }
+};
 
 }  // namespace
 
@@ -166,7 +175,7 @@ template <typename T> struct Tile {
 template <typename T, typename V>
 void load_tile(const void* src, const ScanProblem& p, const Block& k, int64_t start, int64_t len,
                V* buf) {
-  std::memset(static_cast<void*>(buf), 0, sizeof(V) * TL);
+  for (int t = 0; t < TL; ++t) buf[t] = V{};
   for (int64_t j = 0; j < k.lanes; ++j) {
     const T* row = static_cast<const T*>(src) + (k.b * p.dim + k.first + j) * p.length + start;
     for (int64_t t = 0; t < len; ++t) buf[t][j] = row[t];
@@ -221,15 +230,23 @@ template <typename T> T* state_slot(const ScanProblem& p, const Block& k, int64_
          ((k.b * n_blocks(p) + k.index) * n_tiles(p) + tile) * p.state * W;
 }
 
-template <int NS> using Run = std::integral_constant<int, NS>;
+template <int NS> struct Run {
+  static constexpr int value = NS;
+};
+template <typename T> struct IsFloat {
+  static constexpr bool value = false;
+};
+template <> struct IsFloat<float> {
+  static constexpr bool value = true;
+};
 
 // Calls f(Run<NS>(), n0) for consecutive runs of NS states covering all N: in float, runs of 16
 // keep Mamba's usual d_state in registers whole, single states take the rest; double (for
 // checks) goes state by state, which halves the build time.
 template <typename T, typename F> void by_state_runs(int64_t N, F f) {
   int64_t n0 = 0;
-  if (std::is_same<T, float>::value)
-    for (; n0 + 16 <= N; n0 += 16) f(Run<std::is_same<T, float>::value ? 16 : 1>(), n0);
+  if (IsFloat<T>::value)
+    for (; n0 + 16 <= N; n0 += 16) f(Run<IsFloat<T>::value ? 16 : 1>(), n0);
   for (; n0 < N; ++n0) f(Run<1>(), n0);
 }
 
@@ -260,13 +277,14 @@ void scan_states(int64_t N, int64_t L, int64_t n0, Tile<T>& tile, const typename
   for (int n = 0; n < NS; ++n) h[n0 + n] = hr[n];
 }
 
-// The block's column of A, state by state.
-template <typename T>
-std::vector<typename VecOf<T>::type> load_A(const ScanProblem& p, const Block& k) {
-  std::vector<typename VecOf<T>::type> A(p.state);
+// The block's column of A, state by state, into A[0..N).
+template <typename T, typename V> void load_A(const ScanProblem& p, const Block& k, V* A) {
   for (int64_t n = 0; n < p.state; ++n)
-    A[n] = load_lanes<T, typename VecOf<T>::type>(static_cast<const T*>(p.A) + n, k, p.state);
-  return A;
+    A[n] = load_lanes<T, V>(static_cast<const T*>(p.A) + n, k, p.state);
+}
+
+template <typename V> void copy(const V* from, int64_t n, V* to) {
+  for (int64_t i = 0; i < n; ++i) to[i] = from[i];
 }
 
 // The output gate: y * silu(z).
@@ -278,18 +296,18 @@ template <typename T> void gate(const ScanProblem& p, const Block& k, Tile<T>& t
 
 template <typename T> void forward_item(const ScanProblem& p, const Block& k) {
   typedef typename VecOf<T>::type V;
-  const std::vector<V> A = load_A<T>(p, k);
-  std::vector<V> h(p.state, V{});
+  Buffer<V> A(p.state), h(p.state);
+  load_A<T>(p, k, A.data);
   const T *B = group_rows<T>(p, p.B, k), *C = group_rows<T>(p, p.C, k);
   Tile<T> tile;
   for (int64_t i = 0; i < n_tiles(p); ++i) {
     tile.start = i * TL;
-    tile.len = std::min<int64_t>(TL, p.length - tile.start);
-    if (p.states) std::memcpy(state_slot<T>(p, k, i), h.data(), sizeof(V) * p.state);
+    tile.len = min<int64_t>(TL, p.length - tile.start);
+    if (p.states) copy(h.data, p.state, reinterpret_cast<V*>(state_slot<T>(p, k, i)));
     prepare_tile(p, k, tile);
     by_state_runs<T>(p.state, [&](auto run, int64_t n0) {
-      scan_states<decltype(run)::value, false>(p.state, p.length, n0, tile, A.data(), h.data(), B + tile.start,
-                             C + tile.start);
+      scan_states<decltype(run)::value, false>(p.state, p.length, n0, tile, A.data, h.data,
+                                               B + tile.start, C + tile.start);
     });
     if (p.z) gate(p, k, tile);
     store_tile<T>(tile.y, p, k, tile.start, tile.len, p.out);
@@ -341,7 +359,7 @@ void sum_lanes(const V* v, const V* scale, int64_t len, int64_t N, int64_t L, T*
   T sums[8];
   for (int64_t t = 0; t < len; ++t) {
     for (int64_t n0 = 0; n0 < N; n0 += 8) {
-      const int64_t count = std::min<int64_t>(8, N - n0);
+      const int64_t count = min<int64_t>(8, N - n0);
       for (int64_t i = 0; i < 8; ++i)
         rows[i] = i < count ? (scale ? scale[t] * v[t * N + n0 + i] : v[t * N + n0 + i]) : V{};
       lane_sums8(rows, sums);
@@ -353,8 +371,8 @@ void sum_lanes(const V* v, const V* scale, int64_t len, int64_t N, int64_t L, T*
 template <typename T> void backward_item(const ScanProblem& p, const Block& k) {
   typedef typename VecOf<T>::type V;
   const int64_t N = p.state, L = p.length;
-  const std::vector<V> A = load_A<T>(p, k);
-  std::vector<V> h0(N), h(N), lam(N, V{}), dA(N, V{}), decay(TL * N), hs(TL * N);
+  Buffer<V> A(N), h0(N), h(N), lam(N), dA(N), decay(TL * N), hs(TL * N);
+  load_A<T>(p, k, A.data);
   const T *B = group_rows<T>(p, p.B, k), *C = group_rows<T>(p, p.C, k);
   T* dB = static_cast<T*>(p.dB_part) + (k.b * n_blocks(p) + k.index) * N * L;
   T* dC = static_cast<T*>(p.dC_part) + (k.b * n_blocks(p) + k.index) * N * L;
@@ -364,7 +382,7 @@ template <typename T> void backward_item(const ScanProblem& p, const Block& k) {
   Tile<T> tile;
   for (int64_t i = n_tiles(p) - 1; i >= 0; --i) {
     tile.start = i * TL;
-    tile.len = std::min<int64_t>(TL, L - tile.start);
+    tile.len = min<int64_t>(TL, L - tile.start);
     prepare_tile(p, k, tile, sig);
     load_tile<T>(p.grad_out, p, k, tile.start, tile.len, g);
     if (p.z) load_tile<T>(p.z, p, k, tile.start, tile.len, z);
@@ -373,23 +391,23 @@ template <typename T> void backward_item(const ScanProblem& p, const Block& k) {
       gy[t] = p.z ? g[t] * z[t] * sz[t] : g[t];  // the gradient of y, before the gate
       sB[t] = sq[t] = V{};
     }
-    std::memcpy(h0.data(), state_slot<T>(p, k, i), sizeof(V) * N);
-    h = h0;
+    copy(reinterpret_cast<const V*>(state_slot<T>(p, k, i)), N, h0.data);
+    copy(h0.data, N, h.data);
     by_state_runs<T>(N, [&](auto run, int64_t n0) {
-      scan_states<decltype(run)::value, true>(N, L, n0, tile, A.data(), h.data(), B + tile.start, C + tile.start,
-                            decay.data(), hs.data());
+      scan_states<decltype(run)::value, true>(N, L, n0, tile, A.data, h.data, B + tile.start,
+                                              C + tile.start, decay.data, hs.data);
     });
-    sum_lanes(hs.data(), gy, tile.len, N, L, dC + tile.start);  // dC: sum over lanes of gy h
+    sum_lanes(hs.data, gy, tile.len, N, L, dC + tile.start);  // dC: sum over lanes of gy h
     if (p.z) {  // d/dz of y silu(z) = y sigmoid(z) (1 + z (1 - sigmoid(z)))
       for (int64_t t = 0; t < tile.len; ++t)
         g[t] *= tile.y[t] * sz[t] * (1 + z[t] * (1 - sz[t]));
       store_tile<T>(g, p, k, tile.start, tile.len, p.dz);
     }
     by_state_runs<T>(N, [&](auto run, int64_t n0) {
-      adjoint_states<decltype(run)::value>(N, L, n0, tile, A.data(), lam.data(), dA.data(), decay.data(),
-                         hs.data(), h0.data(), gy, sB, sq, B + tile.start, C + tile.start);
+      adjoint_states<decltype(run)::value>(N, L, n0, tile, A.data, lam.data, dA.data, decay.data,
+                         hs.data, h0.data, gy, sB, sq, B + tile.start, C + tile.start);
     });
-    sum_lanes(decay.data(), static_cast<V*>(nullptr), tile.len, N, L, dB + tile.start);
+    sum_lanes(decay.data, static_cast<V*>(nullptr), tile.len, N, L, dB + tile.start);
     for (int64_t t = 0; t < tile.len; ++t) {
       du[t] = sB[t] * tile.dt[t] + gy[t] * D;
       ddelta[t] = (sB[t] * tile.x[t] + sq[t]) * sig[t];
@@ -408,32 +426,47 @@ template <typename T> void backward_item(const ScanProblem& p, const Block& k) {
 
 // ---- threads ---------------------------------------------------------------------------------
 
-// Every (batch, block) item through `item`, in p.threads contiguous ranges of items.
-template <typename F> void for_each_block(const ScanProblem& p, F item) {
-  const int64_t per_group = blocks_per_group(p), items = p.batch * n_blocks(p);
-  auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      Block k;
-      k.b = i / n_blocks(p);
-      k.index = i % n_blocks(p);
-      k.group = k.index / per_group;
-      const int64_t in_group = (k.index % per_group) * W;
-      k.first = k.group * (p.dim / p.groups) + in_group;
-      k.lanes = std::min<int64_t>(W, p.dim / p.groups - in_group);
-      item(p, k);
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, std::min(p.threads, items));
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back(run, items * i / threads, items * (i + 1) / threads);
-    } catch (...) {  // no thread to be had: this one does the range
-      run(items * i / threads, items * (i + 1) / threads);
-    }
+typedef void (*ItemFn)(const ScanProblem&, const Block&);
+
+// Items [begin, end) of the (batch, block) items, in order, through `item`.
+struct Range {
+  const ScanProblem* p;
+  ItemFn item;
+  int64_t begin, end;
+};
+
+void* run_range(void* arg) {
+  const Range& r = *static_cast<const Range*>(arg);
+  const ScanProblem& p = *r.p;
+  const int64_t per_group = blocks_per_group(p);
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    Block k;
+    k.b = i / n_blocks(p);
+    k.index = i % n_blocks(p);
+    k.group = k.index / per_group;
+    const int64_t in_group = (k.index % per_group) * W;
+    k.first = k.group * (p.dim / p.groups) + in_group;
+    k.lanes = min<int64_t>(W, p.dim / p.groups - in_group);
+    r.item(p, k);
   }
-  run(0, items / threads);
-  for (auto& thread : pool) thread.join();
+  return nullptr;
+}
+
+// Every item through `item`, in p.threads contiguous ranges (at most 64 threads).
+void for_each_block(const ScanProblem& p, ItemFn item) {
+  const int64_t items = p.batch * n_blocks(p);
+  const int64_t threads = p.threads < 1 ? 1 : min<int64_t>(min<int64_t>(p.threads, 64), items);
+  Range ranges[64];
+  pthread_t ids[64];
+  bool started[64] = {};
+  for (int64_t i = 0; i < threads; ++i) {
+    ranges[i] = Range{&p, item, items * i / threads, items * (i + 1) / threads};
+    if (i > 0) started[i] = pthread_create(&ids[i], nullptr, run_range, &ranges[i]) == 0;
+  }
+  for (int64_t i = 0; i < threads; ++i)
+    if (!started[i]) run_range(&ranges[i]);  // this thread's range, and any that got no thread
+  for (int64_t i = 1; i < threads; ++i)
+    if (started[i]) pthread_join(ids[i], nullptr);
 }
 
 }  // namespace
