@@ -11,7 +11,7 @@ from diffusion.rectified_flow import DOPRI5_ATOL, DOPRI5_RTOL, SAMPLERS
 from models import All_models
 from sampling import SAMPLE_STEPS
 from selective_scan import BACKENDS, resolve_backend, set_backend
-from selective_scan.dispatch import warn_slow_path
+from selective_scan.dispatch import warn_cpu_fallback, warn_slow_path
 
 
 def add_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -155,20 +155,24 @@ def ignored_note(args: argparse.Namespace) -> str | None:
 def add_scan_backend(parser: argparse.ArgumentParser) -> None:
     """--scan-backend: which selective scan the models run (see `use_scan_backend`)."""
     add_option(parser, "scan-backend", choices=BACKENDS, default="auto",
-               help="auto: mamba_ssm's CUDA kernel when it loads and the run is on a GPU, else "
-                    "the PyTorch scan; torch: always the PyTorch scan; mamba_ssm: the kernel or "
-                    "refuse to start (`python -m selective_scan` says what loads here)")
+               help="auto: mamba_ssm's CUDA kernel on a GPU when it loads, the C++ CPU scan on "
+                    "the CPU when it builds (on first use), else the PyTorch scan; torch: always "
+                    "the PyTorch scan; cpu, mamba_ssm: that fused scan or refuse to start "
+                    "(`python -m selective_scan` says what loads here)")
 
 
 def use_scan_backend(backend: str, device: torch.device) -> str:
     """Make `backend` the process-wide scan backend and return the line to log: the backend a run
-    on `device` uses, and why. Refuses (SystemExit) where mamba_ssm was asked for and cannot run;
-    "auto" on a GPU without the kernel warns once, naming the import error and the fix."""
+    on `device` uses, and why. Refuses (SystemExit) where mamba_ssm or cpu was asked for and
+    cannot run; "auto" without the device's fused scan warns once, naming the error and the fix."""
     set_backend(backend)
     try:
         used, why = resolve_backend(device)
     except RuntimeError as err:
         raise fail(f"--scan-backend {backend}: {err}") from err
-    if device.type == "cuda" and used == "torch" and backend == "auto":
-        warn_slow_path()
+    if used == "torch" and backend == "auto":
+        if device.type == "cuda":
+            warn_slow_path()
+        elif device.type == "cpu":
+            warn_cpu_fallback()
     return f"Selective scan backend: {used} ({why})"

@@ -2,14 +2,22 @@
 
     python -m benchmarks.bench_scan                  # CPU: batch 4, Di 128, L 1024, N 16, float32
     python -m benchmarks.bench_scan --device cuda    # also mamba_ssm's kernel when it is installed
+    python -m benchmarks.bench_scan --cpu-table benchmarks/results/scan_cpu.md   # torch vs cpu
 
 A benchmark, not a test: it prints the median time of one forward pass plus the backward pass to
 all eight inputs (u, delta, A, B, C, D, z, delta_bias), after warm-up, and the speed-up over
 `selective_scan_ref`. `time_fn` and `time_backends` are also used by benchmarks/benchmark.py.
+--cpu-table writes the torch and cpu backends side by side, at 1 and 2 threads: the scan at the
+shapes of the demo's model (USM-T/4 on 32x32x1 images at batch 32) and at (4, 128, 1024, 16), and
+that model's training step. The two backends are timed in turns, so that a machine busy with other
+work slows both alike and their ratio stays meaningful.
 """
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -19,8 +27,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from selective_scan import mamba_ssm_available, selective_scan, selective_scan_ref
+from diffusion import RectifiedFlow
+from models import All_models
+from selective_scan import mamba_ssm_available, selective_scan, selective_scan_ref, set_backend
 from selective_scan.check import scan_inputs
+from selective_scan.cpu import load_cpu_kernel
+
+# (batch, Di, L, N) of the demo's scans: USM-T/4 at batch 32 scans 64, 16, 4 and 1 tokens.
+DEMO_SCANS = [(32, 128, 64, 16), (32, 128, 16, 16), (32, 128, 4, 16), (32, 128, 1, 16)]
+LONG_SCAN = (4, 128, 1024, 16)
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> float:
@@ -49,25 +64,103 @@ def time_backends(
     warmup: int = 1,
     repeats: int = 5,
 ) -> list[dict]:
-    """Forward + backward time of the reference, the torch backend and, on CUDA when installed,
-    mamba_ssm's kernel. One dict per backend: backend, shape (B, Di, L, N), ms, speedup."""
+    """Forward + backward time of the reference, the torch backend, the cpu backend on CPU when
+    it builds and, on CUDA when installed, mamba_ssm's kernel. One dict per backend: backend,
+    shape (B, Di, L, N), ms, speedup."""
     inputs = scan_inputs(batch, dim, length, state, dtype, device)
     grad_out = torch.randn_like(inputs["u"])
     scans = {"reference": selective_scan_ref, "torch": partial(selective_scan, backend="torch")}
+    if device == "cpu" and load_cpu_kernel()[0] is not None:
+        scans["cpu"] = partial(selective_scan, backend="cpu")
     if device.startswith("cuda") and mamba_ssm_available():
         scans["mamba_ssm"] = partial(selective_scan, backend="mamba_ssm")
-
-    def fwd_bwd(scan: Callable[..., Tensor]) -> Callable[[], object]:
-        return lambda: torch.autograd.grad(
-            scan(**inputs, delta_softplus=True), list(inputs.values()), grad_out
-        )
-
-    ms = {name: 1e3 * time_fn(fwd_bwd(scan), warmup, repeats) for name, scan in scans.items()}
+    ms = {name: 1e3 * time_fn(fwd_bwd(scan, inputs, grad_out), warmup, repeats)
+          for name, scan in scans.items()}
     shape = (batch, dim, length, state)
     return [
         {"backend": name, "shape": shape, "ms": t, "speedup": ms["reference"] / t}
         for name, t in ms.items()
     ]
+
+
+def fwd_bwd(scan: Callable[..., Tensor], inputs: dict[str, Tensor], grad_out: Tensor
+            ) -> Callable[[], object]:
+    """One forward and the backward to every input."""
+    return lambda: torch.autograd.grad(
+        scan(**inputs, delta_softplus=True), list(inputs.values()), grad_out)
+
+
+def time_in_turns(fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+                  ) -> dict[str, float]:
+    """Median milliseconds of each fn, called in turns (a, b, a, b, ...) after warm-up."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def training_step(backend: str, batch: int = 32) -> Callable[[], object]:
+    """One training step of the demo's model (USM-T/4, 32x32x1 images, 10 classes, rectified
+    flow, AdamW) with `backend` as the process-wide scan."""
+    torch.manual_seed(0)
+    model = All_models["USM-T/4"](input_size=32, in_channels=1, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    flow, x, y = RectifiedFlow(), torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        set_backend(backend)
+        loss = flow.training_losses(model, x, {"y": y})["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def cpu_table(warmup: int, repeats: int) -> list[dict]:
+    """torch vs cpu backend at 1 and 2 threads: the scan's forward + backward at DEMO_SCANS and
+    LONG_SCAN, and the demo model's training step. One dict per row."""
+    rows, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for shape in [*DEMO_SCANS, LONG_SCAN]:
+                inputs = scan_inputs(*shape, torch.float32, "cpu")
+                grad_out = torch.randn_like(inputs["u"])
+                ms = time_in_turns({b: fwd_bwd(partial(selective_scan, backend=b), inputs, grad_out)
+                                    for b in ("torch", "cpu")}, warmup, repeats)
+                rows.append({"what": f"scan fwd+bwd {shape}", "threads": n, **ms})
+            ms = time_in_turns({b: training_step(b) for b in ("torch", "cpu")}, warmup, repeats)
+            rows.append({"what": "USM-T/4 training step, batch 32", "threads": n, **ms})
+    finally:
+        torch.set_num_threads(threads)
+        set_backend("auto")
+    return rows
+
+
+def write_cpu_table(path: Path, warmup: int, repeats: int) -> None:
+    load = os.getloadavg()[0]
+    rows = cpu_table(warmup, repeats)
+    lines = [
+        "# Selective scan on the CPU: the PyTorch scan (torch) against the C++ scan (cpu)", "",
+        f"Command: `python -m benchmarks.bench_scan --cpu-table {path}`  ",
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch "
+        f"{torch.__version__}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at "
+        f"end. Median of {repeats} after {warmup} warm-up, the two backends timed in turns; "
+        f"scan shapes are (batch, Di, L, N), float32, delta_softplus, all of D, z, delta_bias.", "",
+        "| what | threads | torch (ms) | cpu (ms) | speed-up |", "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['what']} | {r['threads']} | {r['torch']:.2f} | {r['cpu']:.2f} | "
+              f"{r['torch'] / r['cpu']:.1f}x |" for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -81,7 +174,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--cpu-table", type=Path,
+                        help="only the torch vs cpu comparison (see above), written here as .md")
     args = parser.parse_args()
+    if args.cpu_table:
+        if load_cpu_kernel()[0] is None:
+            raise SystemExit(f"the C++ CPU scan did not build: {load_cpu_kernel()[1]}")
+        write_cpu_table(args.cpu_table, args.warmup, args.repeats)
+        return
 
     rows = time_backends(
         args.batch, args.dim, args.length, args.state, getattr(torch, args.dtype), args.device,

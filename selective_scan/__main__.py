@@ -1,32 +1,45 @@
 """`python -m selective_scan`: which selective-scan backends load here, why the others do not and
-how to fix that; on a GPU with mamba_ssm's kernel, a forward + backward parity check of the kernel
-against the PyTorch scan. Exit status 1 when a GPU is visible but the kernel is missing or wrong."""
+how to fix that; a forward + backward parity check against the PyTorch scan of the C++ CPU scan
+(when it builds) and, on a GPU, of mamba_ssm's kernel. Exit status 1 when a fused scan disagrees,
+or when a GPU is visible but the kernel is missing."""
 
 import sys
 
 import torch
 
 from .check import PARITY_TOL, kernel_parity, kernel_report
+from .cpu import load_cpu_kernel
 from .dispatch import mamba_ssm_available
+
+
+def parity_ok(backend: str, dtypes: tuple[torch.dtype, ...], **shape: int) -> bool:
+    """Print the parity of `backend` with the PyTorch scan per dtype; True when all pass."""
+    ok = True
+    for dtype in dtypes:
+        errors, tol = kernel_parity(dtype, backend=backend, **shape), PARITY_TOL[dtype]
+        worst = max(errors, key=errors.get)
+        passed = errors[worst] <= tol
+        ok &= passed
+        print(f"parity {backend} vs PyTorch scan, {dtype}: {'ok' if passed else 'FAILED'} "
+              f"(largest relative error {errors[worst]:.1e} in {worst}, tolerance {tol:.0e})")
+    return ok
 
 
 def main() -> int:
     print(kernel_report())
+    ok = True
+    if load_cpu_kernel()[0] is None:
+        print("the C++ CPU scan did not build: CPU runs take the PyTorch scan, several times "
+              "slower")
+    else:
+        ok &= parity_ok("cpu", (torch.float32,), dim=64, length=256)
     if not torch.cuda.is_available():
-        print("no GPU: the PyTorch scan is the backend here, as it should be")
-        return 0
+        print("no GPU: mamba_ssm's kernel is not needed here")
+        return 0 if ok else 1
     if not mamba_ssm_available():
         print("a GPU without mamba_ssm's kernel: training takes the slow PyTorch scan")
         return 1
-    ok = True
-    for dtype, tol in ((torch.float32, PARITY_TOL[torch.float32]),
-                       (torch.bfloat16, PARITY_TOL[torch.bfloat16])):
-        errors = kernel_parity(dtype)
-        worst = max(errors, key=errors.get)
-        passed = errors[worst] <= tol
-        ok &= passed
-        print(f"parity kernel vs PyTorch scan, {dtype}: {'ok' if passed else 'FAILED'} "
-              f"(largest relative error {errors[worst]:.1e} in {worst}, tolerance {tol:.0e})")
+    ok &= parity_ok("mamba_ssm", (torch.float32, torch.bfloat16))
     return 0 if ok else 1
 
 

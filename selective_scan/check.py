@@ -1,9 +1,9 @@
 """What this machine can run, and whether the fast kernels compute what the PyTorch scan does.
 
 `kernel_report()` is the text `python -m selective_scan` prints: torch and CUDA versions, which
-backends load and, for each that does not, the import error and the command that fixes it.
-`scan_parity()` compares a backend with another scan for the output and the gradient of every
-input; benchmarks/gpu_check.py runs it at USM-B's shapes.
+backends load and, for each that does not, the error and what fixes it. `scan_parity()` compares
+a backend with another scan for the output and the gradient of every input; benchmarks/gpu_check.py
+runs it at USM-B's shapes, `python -m selective_scan` at small ones.
 """
 
 import math
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .conv import load_conv_kernel
-from .dispatch import INSTALL_HINT, load_mamba_kernel, selective_scan
+from .cpu import load_cpu_kernel
+from .dispatch import CPU_BUILD_HINT, INSTALL_HINT, load_mamba_kernel, selective_scan
 
 # Largest |a - b| / max |b| accepted per dtype for the output and each gradient: float32 differs
 # by summation order only; bfloat16 inputs and outputs carry 8 bits of mantissa (about 4e-3).
@@ -66,11 +67,12 @@ def scan_parity(scan: Callable[..., Tensor], against: Callable[..., Tensor], bat
 
 
 def kernel_parity(dtype: torch.dtype, batch: int = 2, dim: int = 256, length: int = 512,
-                  state: int = 16) -> dict[str, float]:
-    """mamba_ssm's kernel against the PyTorch scan on the GPU."""
-    return scan_parity(partial(selective_scan, backend="mamba_ssm"),
+                  state: int = 16, backend: str = "mamba_ssm") -> dict[str, float]:
+    """A fused backend (mamba_ssm on the GPU, cpu on the CPU) against the PyTorch scan."""
+    device = "cuda" if backend == "mamba_ssm" else "cpu"
+    return scan_parity(partial(selective_scan, backend=backend),
                        partial(selective_scan, backend="torch"),
-                       batch, dim, length, state, dtype, "cuda")
+                       batch, dim, length, state, dtype, device)
 
 
 def package_version(name: str) -> str:
@@ -84,8 +86,11 @@ def backend_status() -> list[dict]:
     """One row per backend: name, loads, detail (version or the import error)."""
     scan, scan_error = load_mamba_kernel()
     conv, conv_error = load_conv_kernel()
+    cpu, cpu_error = load_cpu_kernel()
     return [
         {"name": "torch (chunked PyTorch scan)", "loads": True, "detail": "always available"},
+        {"name": "cpu (C++ CPU scan, built on first use)", "loads": cpu is not None,
+         "detail": cpu._name if cpu else cpu_error},
         {"name": "mamba_ssm (selective_scan_cuda kernel)", "loads": scan is not None,
          "detail": f"mamba-ssm {package_version('mamba-ssm')}" if scan else scan_error},
         {"name": "causal_conv1d (Zigma's causal conv1d)", "loads": conv is not None,
@@ -108,9 +113,12 @@ def environment() -> dict[str, str]:
 def kernel_report() -> str:
     lines = [f"{k}: {v}" for k, v in environment().items()]
     lines.append("backends:")
-    for row in backend_status():
+    rows = backend_status()
+    for row in rows:
         lines.append(f"  {'loads ' if row['loads'] else 'MISSING'} {row['name']}: {row['detail']}")
-    if not all(row["loads"] for row in backend_status()):
+    if not rows[1]["loads"]:
+        lines.append(f"fix for cpu: {CPU_BUILD_HINT}")
+    if not all(row["loads"] for row in rows[2:]):
         lines.append(f"fix (on Linux with an NVIDIA GPU and the CUDA toolkit of torch's CUDA "
                      f"build): {INSTALL_HINT}")
     return "\n".join(lines)

@@ -1,10 +1,10 @@
-"""`selective_scan`: one entry point, two backends.
+"""`selective_scan`: one entry point, three backends.
 
-"mamba_ssm" is the fused CUDA kernel of the Mamba authors (`selective_scan_fn`); "torch" is the
-chunked pure-PyTorch scan of this package, which runs anywhere. "auto" takes the kernel when it
-loads and the tensors are on a GPU, and falls back to "torch" otherwise: silently for CPU tensors
-(a CPU-only install must never fail because the optional kernels are missing), with one warning
-for CUDA tensors (a GPU without the kernel trains many times slower).
+"mamba_ssm" is the fused CUDA kernel of the Mamba authors (`selective_scan_fn`); "cpu" is this
+package's fused C++ scan for CPU tensors (cpu.py, compiled on first use); "torch" is the chunked
+pure-PyTorch scan, which runs anywhere. "auto" takes the fused kernel of the tensors' device when
+it loads, and falls back to "torch" otherwise, with one warning that says why (a missing kernel
+or compiler never stops a run, but it slows it several times).
 
 The models call `selective_scan(...)` without a backend, so the choice is process-wide:
 `set_backend()` sets it (train.py's --scan-backend), `resolve_backend()` says what a device gets
@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 
 from .chunked import selective_scan_chunked
+from .cpu import load_cpu_kernel, selective_scan_cpu
 
-BACKENDS = ("auto", "torch", "mamba_ssm")
+BACKENDS = ("auto", "torch", "cpu", "mamba_ssm")
 INSTALL_HINT = "source scripts/setup_cuda.sh"  # builds mamba-ssm and causal-conv1d (GPU + nvcc)
+CPU_BUILD_HINT = "a C++ compiler (CXX, default c++) and ninja (pip install ninja)"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA kernel accepts
 _backend = "auto"  # process-wide: see set_backend
 
@@ -60,14 +62,25 @@ def get_backend() -> str:
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> tuple[str, str]:
     """(backend that scans tensors on `device` will use, why), for `backend` or the process-wide
-    setting. RuntimeError, saying what to install or change, where "mamba_ssm" cannot run."""
+    setting. RuntimeError, saying what to install or change, where "mamba_ssm" or "cpu" cannot
+    run. Builds the C++ CPU scan on first use when it may run."""
     backend = backend or _backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = torch.device(device).type == "cuda"
-    kernel, why_not = load_mamba_kernel()
+    device_type = torch.device(device).type
     if backend == "torch":
         return "torch", "the PyTorch scan was asked for (--scan-backend torch)"
+    if backend == "cpu":
+        if device_type != "cpu":
+            raise RuntimeError(f"the cpu backend runs on CPU tensors, this run is on {device}; "
+                               f"use auto or mamba_ssm")
+        library, why_not = load_cpu_kernel()
+        if library is None:
+            raise RuntimeError(f"the cpu backend needs the C++ CPU scan, which did not build "
+                               f"({why_not}); it builds on first use with {CPU_BUILD_HINT}. "
+                               f"Elsewhere use the torch backend.")
+        return "cpu", "the C++ CPU scan was asked for and builds"
+    kernel, why_not = load_mamba_kernel()
     if backend == "mamba_ssm":
         if kernel is None:
             raise RuntimeError(
@@ -75,12 +88,17 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> t
                 f"({why_not}). On a machine with an NVIDIA GPU and CUDA, install it with "
                 f"`{INSTALL_HINT}`; elsewhere use the torch backend."
             )
-        if not on_cuda:
+        if device_type != "cuda":
             raise RuntimeError(f"the mamba_ssm backend runs on CUDA tensors, this run is on "
                                f"{device}; use the torch backend")
         return "mamba_ssm", "mamba_ssm's kernel was asked for and loads"
-    if not on_cuda:
-        return "torch", f"auto: tensors on {device}, mamba_ssm's kernel runs on CUDA only"
+    if device_type == "cpu":
+        library, why_not = load_cpu_kernel()
+        if library is not None:
+            return "cpu", "auto: tensors on cpu, and the C++ CPU scan builds"
+        return "torch", f"auto: tensors on cpu, and the C++ CPU scan did not build ({why_not})"
+    if device_type != "cuda":
+        return "torch", f"auto: tensors on {device}, the fused scans run on CPU or CUDA only"
     if kernel is not None:
         return "mamba_ssm", "auto: mamba_ssm's kernel loads and the tensors are on CUDA"
     return "torch", f"auto: mamba_ssm's kernel did not load ({why_not}); install it with " \
@@ -95,6 +113,16 @@ def warn_slow_path() -> None:
         f"PyTorch scan runs on the GPU: many times slower, with (B, Di, L, N) tensors in memory. "
         f"Install the kernel with `{INSTALL_HINT}`, or choose this path knowingly with "
         f"--scan-backend torch.", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def warn_cpu_fallback() -> None:
+    """Once per process: "auto" met (or will meet) CPU tensors and the C++ scan did not build."""
+    warnings.warn(
+        f"selective_scan: the C++ CPU scan did not build ({load_cpu_kernel()[1]}), so the "
+        f"PyTorch scan runs: several times slower. It builds on first use with "
+        f"{CPU_BUILD_HINT}; or choose this path knowingly with --scan-backend torch.",
+        RuntimeWarning, stacklevel=3)
 
 
 def check_shapes(
@@ -147,9 +175,10 @@ def selective_scan(
     """Mamba's selective scan (Gu & Dao 2023, eq. 2a/2b, output gated by silu(z)) with the
     arguments of mamba_ssm's `selective_scan_fn`. Returns (batch, Di, L) in u's dtype.
 
-    backend: "torch" (chunked PyTorch, any device), "mamba_ssm" (CUDA kernel; RuntimeError where
-    it cannot run), "auto" (the kernel for CUDA tensors when it loads, else "torch"), or None for
-    the process-wide setting (`set_backend`, default "auto").
+    backend: "torch" (chunked PyTorch, any device), "cpu" (the C++ scan, CPU tensors),
+    "mamba_ssm" (CUDA kernel; both RuntimeError where they cannot run), "auto" (the fused scan of
+    the tensors' device when it loads, else "torch"), or None for the process-wide setting
+    (`set_backend`, default "auto").
     """
     backend = backend or _backend
     if backend not in BACKENDS:
@@ -163,11 +192,12 @@ def selective_scan(
 
 def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str) -> Tensor:
     if backend == "auto":
-        backend = resolve_backend(u.device, "auto")[0] if u.dtype in KERNEL_DTYPES else "torch"
-        if u.is_cuda and not mamba_ssm_available():
-            warn_slow_path()
+        backend = _auto_backend(u)
     if backend == "torch":
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "cpu":
+        resolve_backend(u.device, "cpu")  # RuntimeError where it cannot run
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     resolve_backend(u.device, "mamba_ssm")  # RuntimeError where the kernel cannot run
     if u.dtype not in KERNEL_DTYPES:
         raise RuntimeError(f"backend='mamba_ssm' takes float32/float16/bfloat16 tensors, got "
@@ -185,3 +215,16 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: st
         None if delta_bias is None else delta_bias.float(),
         delta_softplus,
     )
+
+
+def _auto_backend(u: Tensor) -> str:
+    """What "auto" runs for these tensors, warning once where a fused kernel is missing."""
+    if u.is_cuda:
+        if mamba_ssm_available():
+            return "mamba_ssm" if u.dtype in KERNEL_DTYPES else "torch"
+        warn_slow_path()
+    elif u.device.type == "cpu":
+        if load_cpu_kernel()[0] is not None:
+            return "cpu"  # any float dtype: it scans in float32, or float64 for float64
+        warn_cpu_fallback()
+    return "torch"

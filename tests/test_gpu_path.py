@@ -41,8 +41,8 @@ def no_kernel(monkeypatch):
 
 
 def test_resolve_backend_says_what_runs_and_why(no_kernel, monkeypatch):
-    assert resolve_backend("cpu", "auto") == (
-        "torch", "auto: tensors on cpu, mamba_ssm's kernel runs on CUDA only")
+    assert resolve_backend("meta", "auto") == (
+        "torch", "auto: tensors on meta, the fused scans run on CPU or CUDA only")
     backend, why = resolve_backend(CUDA, "auto")
     assert backend == "torch"
     assert "No module named 'selective_scan_cuda'" in why and dispatch.INSTALL_HINT in why
@@ -73,8 +73,7 @@ def test_scan_backend_option_logs_refuses_and_warns_once(no_kernel):
     assert parser.parse_args(["--scan_backend", "torch"]).scan_backend == "torch"
     assert parser.parse_args([]).scan_backend == "auto"
     line = cli.use_scan_backend("auto", torch.device("cpu"))
-    assert line == "Selective scan backend: torch (auto: tensors on cpu, mamba_ssm's kernel runs " \
-                   "on CUDA only)"
+    assert line == "Selective scan backend: {} ({})".format(*resolve_backend("cpu", "auto"))
     with pytest.raises(SystemExit, match="--scan-backend mamba_ssm: .*setup_cuda.sh"):
         cli.use_scan_backend("mamba_ssm", torch.device("cpu"))
     with pytest.warns(RuntimeWarning, match="selective_scan_cuda.*scripts/setup_cuda.sh") as seen:
