@@ -250,7 +250,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, meta: dict) -> None:
     folder and stops every process with one line saying what failed and what is left."""
     tmp = folder.with_name(f".tmp-{folder.name}")
     main = accelerator.is_main_process
-    phases = (lambda: main and shutil.rmtree(tmp, ignore_errors=True),
+    phases = (lambda: main and tmp.exists() and shutil.rmtree(tmp),
               lambda: accelerator.save_state(str(tmp)),  # every process writes its RNG state
               lambda: main and publish_checkpoint(tmp, folder, meta))
     for phase in phases:  # the processes agree after each, where a barrier would stand
