@@ -176,16 +176,34 @@ def straight(images, tmp_path_factory) -> dict[int, dict]:
             for n, folder in results.items()}
 
 
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch) -> Path:
+    """A fake `scontrol` first on PATH, in a SLURM job 4242: it writes down its arguments."""
+    calls = tmp_path / "scontrol-calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return calls
+
+
+# The README's sbatch script: torchrun passes SIGUSR1 on to the workers, as it does SIGTERM.
+SBATCH_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+
+
 @pytest.mark.parametrize("processes, sig, to, reason", [
     (1, signal.SIGINT, "all", "SIGINT"),
-    (2, signal.SIGTERM, "all", "SIGTERM"),  # the launcher too, as SLURM signals a job step
-    (2, signal.SIGUSR1, "rank 1", "SIGUSR1 (received by 1 of 2 processes)"),
+    (2, signal.SIGUSR1, "all", "SIGUSR1"),  # the launcher too, as SLURM signals a job step
+    (2, signal.SIGTERM, "rank 1", "SIGTERM (received by 1 of 2 processes)"),
 ])
 def test_a_signal_stops_every_process_at_one_step_and_the_same_command_resumes_exactly(
-        images, straight, tmp_path, processes, sig, to, reason):
-    argv = train_argv(images, tmp_path)
+        images, straight, tmp_path, scontrol, processes, sig, to, reason):
+    argv = train_argv(images, tmp_path, "--requeue")
     exp = tmp_path / EXP
-    run = launch(argv, processes)
+    env = {**SBATCH_ENV, "PATH": os.environ["PATH"], "SLURM_JOB_ID": "4242"}
+    run = launch(argv, processes, env)
     wait_for(exp / "log.txt", "(step=0000004)", run)
     ranks = workers(run.pid) if processes > 1 else {0: run.pid}
     targets = [ranks[1]] if to == "rank 1" else [run.pid, *ranks.values()]
@@ -205,8 +223,11 @@ def test_a_signal_stops_every_process_at_one_step_and_the_same_command_resumes_e
     assert meta["step"] == step
     assert sorted(name for name in meta["files"] if name.startswith("random_states")) == [
         f"random_states_{rank}.pkl" for rank in range(processes)]  # every process saved there
+    # the scheduler's signals requeue the job (once), a person's Ctrl-C does not
+    assert (scontrol.read_text() if scontrol.exists() else "") == (
+        "" if sig == signal.SIGINT else "requeue 4242\n")
 
-    finished(launch(argv, processes))
+    finished(launch(argv, processes, env))
     log = (exp / "log.txt").read_text()
     assert f"Resumed from {exp / 'checkpoints' / f'step-{step:07d}'} at step {step}" in log
     assert_same_state(exp / "checkpoints" / f"step-{STEPS:07d}", straight[processes])
@@ -228,19 +249,6 @@ def test_a_second_ctrl_c_stops_at_once(images, tmp_path):
 #################################################################################
 #                    The time limit, --requeue, a failed save                    #
 #################################################################################
-
-
-@pytest.fixture
-def scontrol(tmp_path, monkeypatch) -> Path:
-    """A fake `scontrol` first on PATH, in a SLURM job 4242: it writes down its arguments."""
-    calls = tmp_path / "scontrol-calls"
-    fake = tmp_path / "bin" / "scontrol"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    return calls
 
 
 def test_the_time_limit_saves_and_stops_before_it_then_requeues(images, tmp_path, scontrol):
