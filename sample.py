@@ -17,10 +17,10 @@ same: evaluate_fid.py scores one-channel images that way too); the PNGs keep one
 
 Process i of P renders samples i, i + P, i + 2P, ...; samples already on disk are kept, so a run
 started again finishes an interrupted one. SIGTERM, SIGUSR1 or Ctrl-C end the batch under way (a
-second Ctrl-C stops at once), then the run, saying how far it got. Sample i's noise comes from a generator seeded with
-(--global-seed, i) and its class or caption from i alone, so the images do not depend on the number
-of processes or the batch size. DDPM (--respacing without "ddim") adds fresh noise at every step,
-drawn per batch, so only its starting noise has that property.
+second Ctrl-C stops at once), then the run, saying how far it got. Sample i's noise comes from a
+generator seeded with (--global-seed, i) and its class or caption from i alone, so the images do
+not depend on the number of processes or the batch size. DDPM (--respacing without "ddim") adds
+fresh noise at every step, drawn per batch, so only its starting noise has that property.
 """
 
 from __future__ import annotations
