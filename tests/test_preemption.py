@@ -310,8 +310,8 @@ def checkpoint(images, tmp_path_factory) -> Path:
 
 
 def sample_argv(ckpt: Path, out: Path) -> list[str]:
-    return ["--ckpt", str(ckpt), "--sample-dir", str(out), "--num-samples", "40",
-            "--batch-size", "2", "--num-sampling-steps", "20"]
+    return ["--ckpt", str(ckpt), "--sample-dir", str(out), "--num-samples", "20",
+            "--batch-size", "2", "--num-sampling-steps", "10"]
 
 
 def test_sample_stops_on_sigterm_after_its_batch_and_the_same_command_completes(checkpoint,
@@ -326,11 +326,11 @@ def test_sample_stops_on_sigterm_after_its_batch_and_the_same_command_completes(
         time.sleep(0.02)
     run.send_signal(signal.SIGTERM)
     output = finished(run, rc=1)
-    stopped = re.search(r"sample.py: stopped on SIGTERM with (\d+) of the 40 images this "
+    stopped = re.search(r"sample.py: stopped on SIGTERM with (\d+) of the 20 images this "
                         rf"process had to render written in {out}; run the same command", output)
     assert stopped, output[-3000:]
     written = sorted(p.name for p in out.glob("*.png"))
-    assert written == [f"{i:06d}.png" for i in range(int(stopped[1]))] and len(written) < 40
+    assert written == [f"{i:06d}.png" for i in range(int(stopped[1]))] and len(written) < 20
     assert len(written) % 2 == 0 and not list(out.glob(".*.tmp"))  # whole batches
     assert not (tmp_path / "s.npz").exists()
     sample.main(sample.parse_args(sample_argv(checkpoint, out)))
