@@ -18,12 +18,13 @@ their one channel repeated three times, as that suite's Inception network takes 
 same: evaluate_fid.py scores one-channel images that way too); the PNGs keep one channel.
 
 Process i of P renders samples i, i + P, i + 2P, ...; samples already on disk are kept, so a run
-started again finishes an interrupted one. Sample i's noise comes from a generator seeded with
-(--global-seed, i) and its class or caption from i alone, so the images do not depend on the number
-of processes or the batch size. DDPM (--respacing without "ddim") adds fresh noise at every step,
-drawn per batch, so only its starting noise has that property; dopri5 (--sampler dopri5) chooses
-one sequence of steps for a whole batch, so its images depend on the batch within its tolerance.
-The log gives the number of model evaluations (NFE) per batch.
+started again finishes an interrupted one. SIGTERM, SIGUSR1 or Ctrl-C end the batch under way (a
+second Ctrl-C stops at once), then the run, saying how far it got. Sample i's noise comes from a
+generator seeded with (--global-seed, i) and its class or caption from i alone, so the images do
+not depend on the number of processes or the batch size. DDPM (--respacing without "ddim") adds
+fresh noise at every step, drawn per batch, so only its starting noise has that property; dopri5
+(--sampler dopri5) chooses one sequence of steps for a whole batch, so its images depend on the
+batch within its tolerance. The log gives the number of model evaluations (NFE) per batch.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from download import save_png
 from encoders import load_text_encoder, load_vae, vae_downsample_factor
 from hub import local_checkpoint
 from loader import AUTHORS_T_MIN, USM_AUTHORS, build_model, load_checkpoint
+from preemption import StopSignals
 from sampling import (
     ImageSampler,
     flow_sampler,
@@ -506,12 +508,18 @@ def main(args: argparse.Namespace) -> Path:
     state.print(f"Sampling {args.num_samples} images into {folder} with {state.num_processes} "
                 f"process(es); this one renders {len(todo)} still missing")
     progress = tqdm(total=len(todo), unit="img", disable=not state.is_main_process)
-    for start in range(0, len(todo), args.batch_size):
-        indices = todo[start:start + args.batch_size]
-        z = sample_noise(indices, generate.shape, args.global_seed).to(state.device)
-        images = generate.from_noise(z, batch_conditions(indices, labels, captions))
-        save_samples(images, indices, folder)
-        progress.update(len(indices))
+    with StopSignals() as signals:  # SIGTERM & co. end the batch under way, then the run
+        for start in range(0, len(todo), args.batch_size):
+            indices = todo[start:start + args.batch_size]
+            z = sample_noise(indices, generate.shape, args.global_seed).to(state.device)
+            images = generate.from_noise(z, batch_conditions(indices, labels, captions))
+            save_samples(images, indices, folder)
+            progress.update(len(indices))
+            if signals.received:  # a failure to the launcher, which stops the other processes
+                raise SystemExit(f"sample.py: stopped on {signals.received[0]} with "
+                                 f"{start + len(indices)} of the {len(todo)} images this process "
+                                 f"had to render written in {folder}; run the same command to "
+                                 "finish")
     progress.close()
     if generate.nfe:  # what a sampler costs, adaptive ones (dopri5) above all
         state.print(f"Sampler {sampler_name}, this process: {nfe_summary(generate.nfe)}")

@@ -28,11 +28,14 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,6 +96,7 @@ from encoders import (
     vae_downsample_factor,
 )
 from evaluate_fid import RESIZES, compute_statistics, frechet_distance, load_inception
+from preemption import StopConditions, deadline, parse_duration
 from sampling import (
     CHECKPOINT_RE,
     SAMPLE_STEPS,
@@ -187,7 +191,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                help="the authors' FID size: this many batches of --batch-size reference images "
                     "per process (overrides --fid-images)")
     add_option(p, "inception", help="FID Inception TorchScript file (default: the packaged one)")
-    add_option(p, "log-every", type=positive_int, default=100)
+    add_option(p, "log-every", type=positive_int, default=100,
+               help="loss logged, and the processes agree whether to stop, every N steps")
+    # Clusters
+    add_option(p, "time-limit", type=parse_duration,
+               help="H:MM:SS (e.g. 3:55:00) from the start: save and stop before it, leaving room "
+                    "for the slowest steps and save seen; under SLURM the job's end counts too")
+    add_option(p, "requeue", action="store_true",
+               help="SLURM: after a stop on SIGTERM, SIGUSR1 or the time limit, run `scontrol "
+                    "requeue $SLURM_JOB_ID` so the job resumes by itself")
     add_option(p, "report-to", choices=["tensorboard", "none"], default="tensorboard")
     add_ignored(p, "experiment-dir")  # the authors' train.py never read it
     args = p.parse_args(argv)
@@ -249,30 +261,57 @@ def new_experiment(args: argparse.Namespace) -> Path:
 def save_checkpoint(accelerator: Accelerator, folder: Path, meta: dict) -> None:
     """accelerate's save_state into a hidden sibling, checksums into meta.json, then a rename: a
     crash mid-write leaves a .tmp-* folder that resuming ignores, never a broken checkpoint under
-    the real name. A disk error (no space, read-only, quota) removes the partial folder and stops
-    the run with one line saying what failed and what is left."""
+    the real name. A disk error (no space, read-only, quota) on any process removes the partial
+    folder and stops every process with one line saying what failed and what is left."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    try:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every process writes its own RNG state
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_meta(tmp, meta)
-            if folder.exists():  # best/ is replaced in place
-                old = folder.with_name(f".old-{folder.name}")
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(folder)
-    except Exception as err:
-        if not is_write_error(err):
-            raise
+    main = accelerator.is_main_process
+    phases = (lambda: main and tmp.exists() and shutil.rmtree(tmp),
+              lambda: accelerator.save_state(str(tmp)),  # every process writes its RNG state
+              lambda: main and publish_checkpoint(tmp, folder, meta))
+    for phase in phases:  # the processes agree after each, where a barrier would stand
+        error = None
+        try:
+            phase()
+        except Exception as err:
+            if not is_write_error(err):
+                raise
+            error = err
+        stop_if_any_failed(accelerator, error, tmp, folder)
+
+
+def publish_checkpoint(tmp: Path, folder: Path, meta: dict) -> None:
+    """meta.json (last: it lists the other files' checksums), then the rename into place."""
+    write_meta(tmp, meta)
+    if folder.exists():  # best/ is replaced in place
+        old = folder.with_name(f".old-{folder.name}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def stop_if_any_failed(accelerator: Accelerator, error: BaseException | None, partial: Path,
+                       folder: Path) -> None:
+    """Every process says whether its part of a save failed (one small all-gather, in place of a
+    barrier); if any did, all of them stop with the main process's one line, so none is left
+    waiting in a collective for a process that has stopped."""
+    if error is not None and not isinstance(error, OSError):  # pickled to the other processes
+        error = RuntimeError(str(error))
+    failed = [err for err in gather_object([error]) if err is not None]
+    if not failed:
+        return
+    message = None
+    if accelerator.is_main_process:
         last = newest_verified(step_checkpoints(folder.parent.parent), logger.warning)
-        raise fail(abandon_save(err, tmp, last)) from err
-    accelerator.wait_for_everyone()
+        message = abandon_save(failed[0], partial, last)
+    raise fail(broadcast_object_list([message])[0])
+
+
+def checkpoint_meta(args: argparse.Namespace, model_kwargs: dict, step: int, **extra) -> dict:
+    """meta.json's content (save_checkpoint adds the checksums)."""
+    return {"model": args.model, "step": step, "args": vars(args), "model_kwargs": model_kwargs,
+            **extra}
 
 
 def prune_checkpoints(exp_dir: Path, keep: int) -> None:
@@ -322,15 +361,17 @@ def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
 
 def checked_mean_loss(accelerator: Accelerator, loss_sum: torch.Tensor, steps: int,
                       train_steps: int, first_unchecked: int, weights: list[torch.Tensor],
-                      exp_dir: Path) -> float:
-    """The mean loss over the last `steps` steps and all processes, read from the device in one
+                      exp_dir: Path, votes: list[float]) -> tuple[float, list[float]]:
+    """The mean loss over the last `steps` steps and all processes, and the mean of the
+    processes' stop votes (preemption.py), read from the device in one reduction and one
     synchronisation. A non-finite loss or weight (since step `first_unchecked`) stops every
     process (all see the same values), naming the last good checkpoint: no later one is written."""
     largest_weight = torch.stack(torch._foreach_norm(weights, float("inf"))).amax()  # nan, inf
-    mean_loss, largest_weight = accelerator.reduce(
-        torch.stack([loss_sum / steps, largest_weight.float()]), "mean").tolist()
+    local = torch.cat([torch.stack([loss_sum / steps, largest_weight.float()]),
+                       torch.tensor(votes, device=loss_sum.device)])
+    mean_loss, largest_weight, *mean_votes = accelerator.reduce(local, "mean").tolist()
     if math.isfinite(mean_loss) and math.isfinite(largest_weight):
-        return mean_loss
+        return mean_loss, mean_votes
     last = step_checkpoints(exp_dir)
     accelerator.end_training()
     where = (f"at step {train_steps}" if first_unchecked == train_steps
@@ -471,48 +512,64 @@ def check_resumable(resume_from: Path, model_kwargs: dict) -> None:
                    f"{wanted}; pass --resume none to start a new experiment")
 
 
-def main(args: argparse.Namespace) -> Path:
-    """Train as configured; returns the experiment folder."""
-    # Refuse bad input before anything is loaded.
+#################################################################################
+#                                    Setup                                       #
+#################################################################################
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with, built by `setup`."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    exp_dir: Path
+    model: nn.Module  # as accelerate prepared it
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: object
+    loader: DataLoader
+    encoders: tuple  # (VAE or None, text encoder or None)
+    cached: bool  # the loader yields cached latent pairs
+    evaluation: Evaluation
+    model_kwargs: dict  # what meta.json records to rebuild the model
+    step: int  # the step training starts from, then the step it reached
+    max_steps: int
+    skipped: list[Path]  # corrupt images left out
+
+    def checkpoint(self, step: int) -> Path:
+        return self.exp_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Refuse bad input before anything loads, then build the run in an order that makes resuming
+    exact: models seeded alike on every process, training draws seeded per process."""
     channels = 3 if args.vae != "none" else args.channels  # the VAE encodes RGB
     try:
         train_set, classes = build_dataset(args.data_path, "train", args.image_size, channels)
     except DataError as err:
         raise fail(str(err)) from err
     check_data(args, train_set, classes)
-    tensorboard = args.report_to == "tensorboard" and is_tensorboard_available()
-
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if tensorboard else None,
+        log_with="tensorboard" if use_tensorboard(args) else None,
         project_dir=args.results_dir,
         # The sampler reshuffles from global_seed + epoch, the same on every process, so the data
         # order is a function of the step alone: what exact resuming needs.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                   data_seed=args.global_seed),
     )
-    device = accelerator.device
-    scan_backend = use_scan_backend(args.scan_backend, device)  # may refuse: before any output
+    scan_backend = use_scan_backend(args.scan_backend, accelerator.device)  # before any output
     # The checkpoint to resume, verified before anything heavy loads.
     skipped_checkpoints = []
     resume = find_resume(args, skipped_checkpoints.append) if accelerator.is_main_process else None
     resume = broadcast_object_list([resume])[0]
-
-    # Frozen encoders.
-    try:
-        vae = load_vae(args.vae, device)
-        text_encoder = (load_text_encoder(args.text_encoder, device) if is_coco(args.data_path)
-                        else None)
-    except OSError as err:  # what the hub raises offline or for a folder that is not a model
-        raise fail(f"{err}\n(`python download.py vae` / `python download.py clip` fetch the "
-                   "default encoders into the Hugging Face cache)") from err
+    vae, text_encoder = load_encoders(args, accelerator.device)
     factor = vae_downsample_factor(vae)
     if args.image_size % factor:
         raise fail(f"--image-size {args.image_size} must be a multiple of {factor} (the VAE's "
                    "down-sampling factor)")
     in_channels = vae.config.latent_channels if vae is not None else train_set.channels
     input_size = args.image_size // factor
-
     # Model and EMA start identical on every process (same seed); the training draws are then
     # seeded per process so that each process adds its own noise.
     set_seed(args.global_seed)
@@ -521,30 +578,74 @@ def main(args: argparse.Namespace) -> Path:
         model, model_kwargs = build_model(args, in_channels, input_size, context_dim)
     except ValueError as err:
         raise fail(str(err)) from err
-    ema = deepcopy(model).to(device).requires_grad_(False).eval()
+    ema = deepcopy(model).to(accelerator.device).requires_grad_(False).eval()
     set_seed(args.global_seed, device_specific=True)
 
-    # The experiment folder: written only now that the inputs have been checked.
+    exp_dir, resume_from = open_experiment(args, accelerator, resume)
+    logger.info(scan_backend)
+    for message in skipped_checkpoints:
+        logger.warning(message)
+    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
+    dataset, skipped = training_data(args, train_set, vae, accelerator.num_processes)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers, collate_fn=collate,
+                        pin_memory=torch.cuda.is_available(),
+                        # The loader's own generator: starting an epoch must not draw from the
+                        # training RNG, or a resumed run would add different noise.
+                        generator=torch.Generator().manual_seed(args.global_seed))
+    logger.info(f"Data: {len(dataset):,} images in {args.data_path} ({len(classes)} class "
+                f"folders); global batch {args.batch_size * accelerator.num_processes}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(ema)  # saved as custom_checkpoint_0.pkl
+    objective, sampler = create_objective(args)
+    step = resume_state(accelerator, resume_from, model_kwargs)
+    generate = ImageSampler(ema, sampler, vae, text_encoder, in_channels, input_size,
+                            args.cfg_scale)
+    evaluation = Evaluation(args, accelerator, generate, train_set, exp_dir, model_kwargs)
+    start_trackers(args, accelerator, exp_dir)
+    max_steps = args.max_steps
+    if args.epochs is not None:
+        max_steps = min(max_steps, args.epochs * len(loader))
+    return Run(args, accelerator, exp_dir, model, ema, optimizer, objective, loader,
+               (vae, text_encoder), dataset is not train_set, evaluation, model_kwargs, step,
+               max_steps, skipped)
+
+
+def load_encoders(args: argparse.Namespace, device: torch.device) -> tuple:
+    """The frozen VAE (None in pixel space) and, for COCO captions, the CLIP text encoder."""
+    try:
+        vae = load_vae(args.vae, device)
+        text_encoder = (load_text_encoder(args.text_encoder, device) if is_coco(args.data_path)
+                        else None)
+    except OSError as err:  # what the hub raises offline or for a folder that is not a model
+        raise fail(f"{err}\n(`python download.py vae` / `python download.py clip` fetch the "
+                   "default encoders into the Hugging Face cache)") from err
+    return vae, text_encoder
+
+
+def open_experiment(args: argparse.Namespace, accelerator: Accelerator,
+                    resume: tuple[Path, Path] | None) -> tuple[Path, Path | None]:
+    """(experiment folder, checkpoint to resume or None): a new folder unless resuming, written
+    only now that the inputs have been checked; leftovers of unfinished saves removed; log.txt."""
     if resume is None:
         exp_dir = new_experiment(args) if accelerator.is_main_process else None
         resume = broadcast_object_list([exp_dir])[0], None
-    exp_dir, resume_from = resume
-    ckpt_dir, samples_dir = exp_dir / "checkpoints", exp_dir / "samples"
+    exp_dir = resume[0]
     if accelerator.is_main_process:
-        ckpt_dir.mkdir(exist_ok=True)
-        samples_dir.mkdir(exist_ok=True)
-        for leftover in ckpt_dir.glob(".tmp-*"):  # saves that an earlier run did not finish
+        (exp_dir / "checkpoints").mkdir(exist_ok=True)
+        (exp_dir / "samples").mkdir(exist_ok=True)
+        for leftover in (exp_dir / "checkpoints").glob(".tmp-*"):
             shutil.rmtree(leftover)
     setup_logging(exp_dir, accelerator.is_main_process)
     logger.info(f"Experiment folder {exp_dir}")
     if note := ignored_note(args):
         logger.info(note)
-    logger.info(scan_backend)
-    for message in skipped_checkpoints:
-        logger.warning(message)
-    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
+    return resume
 
-    # Data.
+
+def training_data(args: argparse.Namespace, train_set, vae, processes: int) -> tuple:
+    """(the data set to train on: images, or their latent cache; corrupt images left out)."""
     skipped = train_set.remove_corrupt() if args.on_corrupt == "skip" else []
     for path in skipped:
         logger.warning(f"Skipping corrupt image {path}")
@@ -559,152 +660,234 @@ def main(args: argparse.Namespace) -> Path:
                                     args.global_seed)
     except CorruptImageError as err:
         raise fail(f"{err}\nRemove the file, or pass --on-corrupt skip") from err
-    if len(dataset) < args.batch_size * accelerator.num_processes:
+    if len(dataset) < args.batch_size * processes:
         raise fail(f"{len(dataset)} training images, fewer than one batch per process "
-                   f"({args.batch_size} x {accelerator.num_processes})")
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.num_workers, collate_fn=collate,
-                        pin_memory=torch.cuda.is_available(),
-                        # The loader's own generator: starting an epoch must not draw from the
-                        # training RNG, or a resumed run would add different noise.
-                        generator=torch.Generator().manual_seed(args.global_seed))
-    logger.info(f"Data: {len(dataset):,} images in {args.data_path} ({len(classes)} class "
-                f"folders); global batch {args.batch_size * accelerator.num_processes}")
+                   f"({args.batch_size} x {processes})")
+    return dataset, skipped
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(ema)  # saved as custom_checkpoint_0.pkl
-    objective, sampler = create_objective(args)
 
-    train_steps, best_fid = 0, math.inf
-    if resume_from is not None:
-        check_resumable(resume_from, model_kwargs)
-        accelerator.load_state(str(resume_from))
-        train_steps = json.loads((resume_from / "meta.json").read_text())["step"]
-        if (ckpt_dir / "best").is_dir():
-            try:
-                best_fid = read_meta(ckpt_dir / "best")["fid"]
-            except CheckpointError as err:  # the next FID measured replaces it
-                logger.warning(f"{err}; best/ will be replaced")
-        logger.info(f"Resumed from {resume_from} at step {train_steps} "
-                    "(--resume none starts a new experiment instead)")
+def resume_state(accelerator: Accelerator, resume_from: Path | None, model_kwargs: dict) -> int:
+    """Load the checkpoint to resume (model, optimizer, EMA, every process's RNG); its step."""
+    if resume_from is None:
+        return 0
+    check_resumable(resume_from, model_kwargs)
+    accelerator.load_state(str(resume_from))
+    step = json.loads((resume_from / "meta.json").read_text())["step"]
+    logger.info(f"Resumed from {resume_from} at step {step} "
+                "(--resume none starts a new experiment instead)")
+    return step
 
-    # Sample grids and FID: FID at --sample-every on the val split, as the authors' script, unless
-    # --fid-every says otherwise.
-    val_set = None
-    try:
-        val_set, _ = build_dataset(args.data_path, "val", args.image_size, train_set.channels)
-    except DataError as err:
-        if args.fid_every and args.fid_reference == "val":
-            raise fail(f"{err} (FID is measured on val images; --fid-reference train uses the "
-                       "train split)") from err
-    reference_set = train_set if args.fid_reference == "train" else val_set
-    fid_every = args.fid_every
-    if fid_every is None:  # the authors' behaviour, where the reference split can give an FID
-        fid_every = args.sample_every if reference_set is not None and len(reference_set) > 1 else 0
-        if reference_set is not None and not fid_every:
-            logger.warning(f"FID off: the {args.fid_reference} split has {len(reference_set)} "
-                           "image (FID needs 2)")
-    fid_images = args.fid_images
-    if args.samples is not None:
-        fid_images = args.samples * args.batch_size * accelerator.num_processes
-        logger.info(f"--samples {args.samples}: FID on {fid_images} {args.fid_reference} images "
-                    f"({args.samples} batches of {args.batch_size} per process)")
-    generate = ImageSampler(ema, sampler, vae, text_encoder, in_channels, input_size,
-                            args.cfg_scale)
-    conditions = grid_conditions(args, val_set if val_set is not None else train_set)
-    inception = load_inception(args.inception, device, args.fid_resize) if fid_every else None
-    fid_reference = None
 
-    if args.report_to == "tensorboard" and not tensorboard:
+def use_tensorboard(args: argparse.Namespace) -> bool:
+    return args.report_to == "tensorboard" and is_tensorboard_available()
+
+
+def start_trackers(args: argparse.Namespace, accelerator: Accelerator, exp_dir: Path) -> None:
+    if args.report_to == "tensorboard" and not use_tensorboard(args):
         logger.warning("tensorboard is not installed: logging to log.txt only")
-    if tensorboard:
+    if use_tensorboard(args):
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in vars(args).items()}
         # A run name relative to --results-dir: the events land in <exp>/tensorboard.
         accelerator.init_trackers(f"{exp_dir.name}/tensorboard", config=hparams)
 
-    def meta(step: int, **extra) -> dict:
-        return {"model": args.model, "step": step, "args": vars(args),
-                "model_kwargs": model_kwargs, **extra}
 
-    max_steps = args.max_steps
-    if args.epochs is not None:
-        max_steps = min(max_steps, args.epochs * len(loader))
-    logger.info(f"Training from step {train_steps} to {max_steps}")
-    model.train()
-    # Losses stay on the device and are read every --log-every steps and before checkpoints:
-    # reading one every step would make the CPU wait for the GPU at every step.
-    weights = [*model.parameters(), *ema.parameters()]
-    loss_sum, loss_steps, log_start = torch.zeros((), device=device), 0, time.time()
-    first_unchecked = train_steps + 1
-    progress = tqdm(total=max_steps, initial=train_steps, unit="step", dynamic_ncols=True,
+class Evaluation:
+    """EMA sample grids every --sample-every steps, and FID on the --fid-reference split every
+    --fid-every (default: at --sample-every, as the authors' script, when that split exists) with
+    checkpoints/best/ replaced when it improves. Calling it is the training loop's one call."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator,
+                 generate: ImageSampler, train_set, exp_dir: Path, model_kwargs: dict) -> None:
+        self.args, self.accelerator, self.generate = args, accelerator, generate
+        self.exp_dir, self.model_kwargs = exp_dir, model_kwargs
+        self.val_set = None
+        try:
+            self.val_set, _ = build_dataset(args.data_path, "val", args.image_size,
+                                            train_set.channels)
+        except DataError as err:
+            if args.fid_every and args.fid_reference == "val":
+                raise fail(f"{err} (FID is measured on val images; --fid-reference train uses "
+                           "the train split)") from err
+        self.reference_set = train_set if args.fid_reference == "train" else self.val_set
+        self.fid_every = args.fid_every
+        if self.fid_every is None:  # the authors' behaviour, where the reference split can give
+            # an FID
+            has_fid = self.reference_set is not None and len(self.reference_set) > 1
+            self.fid_every = args.sample_every if has_fid else 0
+            if self.reference_set is not None and not has_fid:
+                logger.warning(f"FID off: the {args.fid_reference} split has "
+                               f"{len(self.reference_set)} image (FID needs 2)")
+        self.fid_images = args.fid_images
+        if args.samples is not None:
+            self.fid_images = args.samples * args.batch_size * accelerator.num_processes
+            logger.info(f"--samples {args.samples}: FID on {self.fid_images} "
+                        f"{args.fid_reference} images ({args.samples} batches of "
+                        f"{args.batch_size} per process)")
+        self.conditions = grid_conditions(args, self.val_set or train_set)
+        self.inception = (load_inception(args.inception, accelerator.device, args.fid_resize)
+                          if self.fid_every else None)
+        self.reference, self.best_fid = None, math.inf
+        if (best := exp_dir / "checkpoints" / "best").is_dir():
+            try:
+                self.best_fid = read_meta(best)["fid"]
+            except CheckpointError as err:  # the next FID measured replaces it
+                logger.warning(f"{err}; best/ will be replaced")
+
+    def due(self, step: int, last: bool) -> bool:
+        every = [self.args.sample_every, *([self.fid_every] if self.fid_every else [])]
+        return last or any(step % n == 0 for n in every)
+
+    def __call__(self, step: int, last: bool) -> None:
+        if step % self.args.sample_every == 0 or last:
+            if self.accelerator.is_main_process:
+                grid = self.exp_dir / "samples" / f"step-{step:07d}.png"
+                save_grid(self.generate, self.conditions, grid, self.args.global_seed)
+                logger.info(f"Saved sample grid {grid}")
+            self.accelerator.wait_for_everyone()
+        if self.fid_every and (step % self.fid_every == 0 or last):
+            fid, self.reference = compute_fid(self.accelerator, self.generate,
+                                              self.reference_set, self.fid_images, self.args,
+                                              self.inception, self.reference)
+            logger.info(f"(step={step:07d}) FID={fid:.3f} "
+                        f"({min(self.fid_images, len(self.reference_set))} images)")
+            self.accelerator.log({"fid": fid}, step=step)
+            if fid < self.best_fid:
+                self.best_fid = fid
+                save_checkpoint(self.accelerator, self.exp_dir / "checkpoints" / "best",
+                                checkpoint_meta(self.args, self.model_kwargs, step, fid=fid))
+
+
+#################################################################################
+#                               Loop and finish                                  #
+#################################################################################
+
+
+def train_step(run: Run, x: torch.Tensor, cond, step: int) -> torch.Tensor:
+    """Optimizer step `step` (1-based) on one batch; returns its loss, left on the device."""
+    args, accelerator = run.args, run.accelerator
+    x, kwargs = model_inputs(x, cond, args, *run.encoders, run.cached)
+    loss = run.objective.training_losses(run.model, x, kwargs)["loss"].mean()
+    accelerator.backward(loss)
+    if args.grad_clip > 0:  # off by default: the USM release never clipped (CompVis' Zigma
+        # clipped after the step, which is no clipping of that step's update)
+        accelerator.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, run.max_steps, args)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, accelerator.unwrap_model(run.model), args.ema_decay)
+    return loss.detach().float()
+
+
+def is_check_point(run: Run, step: int) -> bool:
+    """Where the loss is read, and the processes agree whether to stop: every --log-every steps,
+    at every checkpoint, at the last step."""
+    return step % run.args.log_every == 0 or step % run.args.ckpt_every == 0 or (
+        step == run.max_steps)
+
+
+def work_ahead(run: Run, step: int) -> tuple[int, bool]:
+    """Steps from `step` to the next check point, and whether an evaluation falls in them."""
+    ahead = next(n for n in range(1, run.args.log_every + 1) if is_check_point(run, step + n))
+    return ahead, any(run.evaluation.due(s, s == run.max_steps)
+                      for s in range(step + 1, step + ahead + 1))
+
+
+def train_loop(run: Run, stop: StopConditions) -> list[str]:
+    """Train from run.step to run.max_steps, or until the processes agree to stop; returns why
+    they stopped ([] when training finished). Losses stay on the device until a check point:
+    reading one every step would make the CPU wait for the GPU at every step."""
+    args, accelerator = run.args, run.accelerator
+    weights = [*run.model.parameters(), *run.ema.parameters()]
+    loss_sum, loss_steps, log_start = torch.zeros((), device=accelerator.device), 0, time.time()
+    first_unchecked, reasons = run.step + 1, []
+    logger.info(f"Training from step {run.step} to {run.max_steps}")
+    run.model.train()
+    progress = tqdm(total=run.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
-    batches = batches_from(loader, accelerator, train_steps)
+    batches = batches_from(run.loader, accelerator, run.step)
+    stop.start(run.step)
     with logging_redirect_tqdm(loggers=[logger]):
-        while train_steps < max_steps:
+        while run.step < run.max_steps and not reasons:
             try:
                 x, cond = next(batches)
             except CorruptImageError as err:
                 raise fail(f"{err}\nRemove the file, or pass --on-corrupt skip") from err
-            x, kwargs = model_inputs(x, cond, args, vae, text_encoder, dataset is not train_set)
-            loss = objective.training_losses(model, x, kwargs)["loss"].mean()
-            accelerator.backward(loss)
-            if args.grad_clip > 0:  # off by default: the USM release never clipped (CompVis'
-                # Zigma clipped after the step, which is no clipping of that step's update)
-                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(train_steps + 1, max_steps, args)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, accelerator.unwrap_model(model), args.ema_decay)
-            train_steps += 1
+            loss_sum += train_step(run, x, cond, run.step + 1)
+            run.step, loss_steps = run.step + 1, loss_steps + 1
+            step, last = run.step, run.step == run.max_steps
             progress.update()
-            loss_sum += loss.detach().float()
-            loss_steps += 1
-            last_step = train_steps == max_steps
-            checkpoint_now = train_steps % args.ckpt_every == 0 or last_step
-
-            if train_steps % args.log_every == 0 or last_step or checkpoint_now:
-                avg_loss = checked_mean_loss(accelerator, loss_sum, loss_steps, train_steps,
-                                             first_unchecked, weights, exp_dir)
-                first_unchecked = train_steps + 1
-            if train_steps % args.log_every == 0 or last_step:
+            if is_check_point(run, step):
+                votes = stop.votes(step, *work_ahead(run, step))
+                avg_loss, votes = checked_mean_loss(accelerator, loss_sum, loss_steps, step,
+                                                    first_unchecked, weights, run.exp_dir, votes)
+                reasons = [] if last else stop.agreed(votes, accelerator.num_processes)
+                first_unchecked = step + 1
+            if step % args.log_every == 0 or last:
                 steps_per_sec = loss_steps / (time.time() - log_start)
                 progress.set_postfix(loss=f"{avg_loss:.4f}")
-                logger.info(f"(step={train_steps:07d}) loss={avg_loss:.4f} "
+                logger.info(f"(step={step:07d}) loss={avg_loss:.4f} "
                             f"steps/sec={steps_per_sec:.2f}")
-                accelerator.log({"loss": avg_loss, "steps_per_sec": steps_per_sec},
-                                step=train_steps)
+                accelerator.log({"loss": avg_loss, "steps_per_sec": steps_per_sec}, step=step)
                 loss_sum.zero_()
                 loss_steps, log_start = 0, time.time()
-            if checkpoint_now:
-                folder = ckpt_dir / f"step-{train_steps:07d}"
-                save_checkpoint(accelerator, folder, meta(train_steps))
-                if accelerator.is_main_process:
-                    prune_checkpoints(exp_dir, args.keep_last)
-                logger.info(f"Saved checkpoint {folder}")
-            if train_steps % args.sample_every == 0 or last_step:
-                if accelerator.is_main_process:
-                    grid = samples_dir / f"step-{train_steps:07d}.png"
-                    save_grid(generate, conditions, grid, args.global_seed)
-                    logger.info(f"Saved sample grid {grid}")
-                accelerator.wait_for_everyone()
-            if fid_every and (train_steps % fid_every == 0 or last_step):
-                fid, fid_reference = compute_fid(accelerator, generate, reference_set, fid_images,
-                                                 args, inception, fid_reference)
-                logger.info(f"(step={train_steps:07d}) FID={fid:.3f} "
-                            f"({min(fid_images, len(reference_set))} images)")
-                accelerator.log({"fid": fid}, step=train_steps)
-                if fid < best_fid:
-                    best_fid = fid
-                    save_checkpoint(accelerator, ckpt_dir / "best", meta(train_steps, fid=fid))
+            if step % args.ckpt_every == 0 or last or reasons:
+                with stop.timed("save"):
+                    save_checkpoint(accelerator, run.checkpoint(step),
+                                    checkpoint_meta(args, run.model_kwargs, step))
+                    if accelerator.is_main_process:
+                        prune_checkpoints(run.exp_dir, args.keep_last)
+                logger.info(f"Saved checkpoint {run.checkpoint(step)}")
+            if run.evaluation.due(step, last) and not reasons:
+                with stop.timed("eval"):
+                    run.evaluation(step, last)
     progress.close()
-    if skipped:
-        logger.warning(f"Skipped {len(skipped)} corrupt image(s), listed at the top of log.txt")
-    logger.info("Done.")
-    accelerator.end_training()
-    return exp_dir
+    return reasons
+
+
+def finish(run: Run, reasons: list[str]) -> Path:
+    """Say how the run ended; after a stop for the scheduler, requeue the job if asked."""
+    if run.skipped:
+        logger.warning(f"Skipped {len(run.skipped)} corrupt image(s), listed at the top of "
+                       "log.txt")
+    if reasons:
+        logger.info(f"Stopped at step {run.step} of {run.max_steps} on {' and '.join(reasons)}; "
+                    f"saved {run.checkpoint(run.step)}: run the same command to resume from it")
+    else:
+        logger.info("Done.")
+    run.accelerator.end_training()
+    scheduler_stop = any(not reason.startswith("SIGINT") for reason in reasons)
+    if run.args.requeue and scheduler_stop and run.accelerator.is_main_process:
+        requeue(os.environ["SLURM_JOB_ID"])
+    return run.exp_dir
+
+
+def requeue(job_id: str) -> None:
+    """Put this SLURM job back in the queue; it starts again with the same command, which
+    resumes from the checkpoint just saved."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        problem = result.stderr.strip() if result.returncode else None
+    except OSError as err:  # no scontrol on PATH
+        problem = str(err)
+    if problem:
+        logger.warning(f"scontrol requeue {job_id} failed: {problem}")
+    else:
+        logger.info(f"Requeued SLURM job {job_id}")
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train as configured; returns the experiment folder."""
+    if args.requeue and "SLURM_JOB_ID" not in os.environ:
+        raise fail("--requeue requeues a SLURM job, and SLURM_JOB_ID is not set")
+    with StopConditions(deadline(args.time_limit), announce=logger.warning) as stop:
+        run = setup(args)
+        if stop.deadline is not None:
+            end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stop.deadline))
+            logger.info(f"Stopping before {end} (--time-limit, or the SLURM job's end)")
+        reasons = train_loop(run, stop)
+    return finish(run, reasons)
 
 
 if __name__ == "__main__":
