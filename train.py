@@ -711,8 +711,7 @@ class Evaluation:
                            "the train split)") from err
         self.reference_set = train_set if args.fid_reference == "train" else self.val_set
         self.fid_every = args.fid_every
-        if self.fid_every is None:  # the authors' behaviour, where the reference split can give
-            # an FID
+        if self.fid_every is None:  # the authors' behaviour, where the split can give an FID
             has_fid = self.reference_set is not None and len(self.reference_set) > 1
             self.fid_every = args.sample_every if has_fid else 0
             if self.reference_set is not None and not has_fid:

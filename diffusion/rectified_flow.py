@@ -22,7 +22,6 @@ path and velocity ODE are this one, integrated from t = 0 to t = 1).
 from collections.abc import Callable
 
 import torch
-from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from .utils import append_dims, mean_flat
@@ -122,6 +121,9 @@ class RectifiedFlow:
         code. torchdiffeq steps past the output times and interpolates back to them: CompVis' 250
         output times give the same result at t = 1 as these two, and the last step may end (and
         query the model) beyond t = 1."""
+        from torchdiffeq import odeint  # here, not at the top: it imports scipy.integrate
+        # (~0.6 s), which every train.py / sample.py start would pay for a sampler it rarely uses
+
         ends = torch.tensor([0.0, 1.0], device=z.device, dtype=z.dtype)
         trajectory = odeint(lambda t, x: velocity(x, t), z, ends, method="dopri5",
                             atol=self.atol, rtol=self.rtol)
