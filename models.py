@@ -606,6 +606,7 @@ Zigma_models = {
     "Zigma-B/1": _zigma(768, 24, 1), "Zigma-B/2": _zigma(768, 24, 2),
     "Zigma-S/1": _zigma(384, 12, 1), "Zigma-S/2": _zigma(384, 12, 2),
     "Zigma-T/1": _zigma(64, 6, 1), "Zigma-T/2": _zigma(64, 6, 2),
+    "Zigma-T/4": _zigma(64, 6, 4),
 }
 
 All_models = {**USM_models, **Zigma_models}

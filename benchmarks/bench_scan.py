@@ -105,11 +105,12 @@ def time_in_turns(fns: dict[str, Callable[[], object]], warmup: int, repeats: in
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def training_step(backend: str, batch: int = 32) -> Callable[[], object]:
-    """One training step of the demo's model (USM-T/4, 32x32x1 images, 10 classes, rectified
-    flow, AdamW) with `backend` as the process-wide scan."""
+def training_step(backend: str, batch: int = 32, model: str = "USM-T/4", **model_kwargs
+                  ) -> Callable[[], object]:
+    """One training step of a Fashion-MNIST-sized model (default the demo's USM-T/4; 32x32x1
+    images, 10 classes, rectified flow, AdamW) with `backend` as the process-wide scan."""
     torch.manual_seed(0)
-    model = All_models["USM-T/4"](input_size=32, in_channels=1, num_classes=10)
+    model = All_models[model](input_size=32, in_channels=1, num_classes=10, **model_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     flow, x, y = RectifiedFlow(), torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
 

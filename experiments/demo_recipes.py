@@ -16,12 +16,25 @@ demo recipe is in every table, measured by the same code. A rerun reuses finishe
 import argparse
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 
 from download import export_fashion_mnist
-from experiments.fashion_mnist import ROOT, run_and_score, sample, train
+from evaluate_fid import load_inception
+from experiments.fashion_mnist import (
+    ROOT,
+    fashion_mnist,
+    frechet_distances,
+    get_classifier,
+    reference_statistics,
+    sample,
+    slug,
+    train,
+)
 
 COMMON = ["--vae", "none", "--image-size", "32", "--num-classes", "10", "--fid-every", "0",
           "--num-workers", "0", "--report-to", "none", "--global-seed", "0"]
@@ -76,9 +89,33 @@ RECIPES = {  # name in the table -> (training, sampler)
 def train_and_sample(name: str, recipes: list[str], args: argparse.Namespace) -> list[dict]:
     """One training, then each recipe that samples from it."""
     trained = train(name, TRAININGS[name]["options"], args, TRAININGS[name]["processes"])
-    checkpoint = trained.pop("checkpoint")
-    return [{**sample(recipe, checkpoint, RECIPES[recipe][1], args), **trained,
-             "training": name} for recipe in recipes]
+    checkpoint = trained.pop("checkpoints")[-1]
+    shutil.copy(trained.pop("log"), args.out / f"{args.prefix}_{slug(name)}.log")
+    return [{**sample(recipe, checkpoint, RECIPES[recipe][1], args,
+                      args.out / f"{args.prefix}_{slug(recipe)}.png"),
+             **trained, "name": recipe, "training": name} for recipe in recipes]
+
+
+def run_and_score(jobs: list[Callable[[], list[dict]]], args: argparse.Namespace
+                  ) -> tuple[list[dict], float]:
+    """Run the jobs (each trains and samples, returning rows), --parallel at a time, while this
+    thread prepares the classifier and the reference statistics; then score every row. Returns
+    the scored rows and the classifier's test accuracy."""
+    with ThreadPoolExecutor(args.parallel) as pool:
+        runs = [pool.submit(job) for job in jobs]
+        classifier, classifier_acc = get_classifier(args)
+        nets = {"inception": load_inception(), "classifier": classifier.features}
+        reference = reference_statistics(f"test-{args.ref_images}",
+                                         fashion_mnist("t10k")[0][:args.ref_images], nets,
+                                         args.work_dir)
+        rows = []
+        for run in as_completed(runs):
+            for row in run.result():
+                scores = frechet_distances(row["samples"], args.work_dir / slug(row["name"]) /
+                                           "scores.json", nets, reference)
+                rows.append({**row, "grid": Path(row["grid"]).name, "fid": scores["inception"],
+                             "fd_classifier": scores["classifier"]})
+    return rows, classifier_acc
 
 
 def report(rows: list[dict], command: str, classifier_acc: float) -> str:
@@ -123,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trainings run at the same time (their times then share the CPU)")
     args = p.parse_args(argv)
     args.num_samples, args.ref_images, args.grid_per_class = 1000, 1000, 8
-    args.classifier_images, args.classifier_epochs = 60_000, 1  # as experiments/fashion_mnist.py
+    args.classifier_images, args.classifier_epochs = 60_000, 1  # the whole train split
     args.prefix = "demo_recipe"  # of the per-recipe grids and logs in --out
     return args
 

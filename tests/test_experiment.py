@@ -1,5 +1,6 @@
 """The Fashion-MNIST experiment: its classifier as a Frechet-distance feature extractor, and the
-script's --quick mode end to end (train.py, sample.py, both distances, the report, reruns)."""
+study's helpers and its --quick mode end to end (train.py, sample.py, both distances,
+the report, reruns)."""
 
 import json
 import math
@@ -39,25 +40,65 @@ def test_classifier_learns_and_its_features_separate_sets():
     assert same < 0.2 * frechet_distance(*only_class_0, mu, sigma)  # a missing class is seen
 
 
+def test_budgets_are_equal_time_in_each_models_steps():
+    args = fashion_mnist.parse_args(["--budget-minutes", "4", "--budgets-of", "1", "2", "4"])
+    assert fashion_mnist.budget_steps(args, 0.3) == [200, 400, 800]  # 60 s / 0.3 s = 200
+    assert fashion_mnist.budget_steps(args, 0.5) == [120, 240, 480]
+    with pytest.raises(SystemExit):
+        fashion_mnist.parse_args(["--budgets-of", "2", "1"])
+
+
+def test_welch_t_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [70.1, 74.3, 72.0], [80.2, 77.9, 85.0, 79.5]
+    expected = stats.ttest_ind(a, b, equal_var=False).statistic
+    assert fashion_mnist.welch_t(a, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_training_folder_leaves_out_the_held_out_images(tmp_path):
+    for index in (0, 58_999, 59_000, 59_999):
+        image = tmp_path / "src" / "train" / f"c{index % 2}" / f"{index:05d}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(b"png")
+    args = fashion_mnist.parse_args(["--data-path", str(tmp_path / "src"), "--work-dir",
+                                     str(tmp_path / "work"), "--held-out", "1000"])
+    out = fashion_mnist.training_folder(args)
+    assert sorted(p.name for p in (out / "train").glob("*/*.png")) == ["00000.png", "58999.png"]
+    assert fashion_mnist.training_folder(args) == out  # a rerun finds the links in place
+
+
 @pytest.mark.skipif(not FASHION_MNIST_SOURCE.is_dir(), reason="needs dataset-fashion-mnist")
-def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(fashion_mnist, "RUNS", {"USM-T/2": ("USM-T/2", [])})  # one run is enough
+def test_quick_study_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "MODELS", {"USM-T/4": ("USM-T/4", [])})  # one is enough
     data = export_fashion_mnist(tmp_path / "data", limit_per_class=2)
     argv = ["--quick", "--data-path", str(data), "--work-dir", str(tmp_path / "work"),
-            "--out", str(tmp_path / "out")]
+            "--out", str(tmp_path / "out"), "--parallel", "2"]
     fashion_mnist.main(argv)
 
     result = json.loads((tmp_path / "out" / "fashion_mnist.json").read_text())
-    (run,) = result["runs"]
-    assert run["params"] > 0 and run["gflops"] > 0
-    assert math.isfinite(run["fid"]) and run["fid"] > 0 and run["fd_classifier"] > 0
-    with Image.open(tmp_path / "out" / run["grid"]) as grid:  # one row per class, 1 column
+    steps = result["steps"]["USM-T/4"]
+    assert steps == [1, 2]  # --quick: budgets of one and two steps
+    sweep = result["sweep"]
+    assert [r["lr"] for r in sweep] == [1e-3, 3e-3] and all(r["step"] == 2 for r in sweep)
+    assert result["lr"]["USM-T/4"] == min(sweep, key=lambda r: r["classifier"])["lr"]
+    runs = result["runs"]  # 2 seeds x 2 budgets, at the chosen rate, scored on test images
+    assert sorted((r["seed"], r["step"]) for r in runs) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(r["lr"] == result["lr"]["USM-T/4"] for r in runs)
+    for row in result["table"]:
+        scores = [r["classifier"] for r in runs if r["step"] == row["steps"]]
+        assert row["classifier"][0] == pytest.approx(np.mean(scores))
+        assert row["classifier"][1] == pytest.approx(np.std(scores, ddof=1))
+        assert math.isfinite(row["fid"][0]) and row["fid"][0] > 0
+    # the trainings read the train split less the held-out images
+    assert all("--data-path " + str(tmp_path / "work" / "data") in r["train_command"]
+               for r in runs)
+    with Image.open(tmp_path / "out" / "fashion_mnist.png") as plot:
+        assert plot.width > 500
+    with Image.open(tmp_path / "out" / result["grids"]["USM-T/4"]) as grid:  # a row per class
         assert grid.height > 9 * grid.width
-    assert "| USM-T/2 |" in (tmp_path / "out" / "fashion_mnist.md").read_text()
-    with np.load(tmp_path / "work" / "usm-t-2" / "samples-10.npz") as samples:
-        assert samples["arr_0"].shape == (10, 32, 32, 3)
+    assert "| USM-T/4 |" in (tmp_path / "out" / "fashion_mnist.md").read_text()
 
-    fashion_mnist.main(argv)  # a rerun reuses the trained model, samples and scores
-    log = (tmp_path / "work" / "usm-t-2" / "commands.log").read_text()
-    assert log.count("train.py") == 1 and log.count("sample.py") == 1
-    assert json.loads((tmp_path / "out" / "fashion_mnist.json").read_text())["runs"] == [run]
+    fashion_mnist.main(argv)  # a rerun reuses every training, sample and score
+    logs = "".join(p.read_text() for p in (tmp_path / "work").glob("*/commands.log"))
+    assert logs.count("train.py") == 3 and logs.count("sample.py") == 5
+    assert json.loads((tmp_path / "out" / "fashion_mnist.json").read_text())["runs"] == runs
