@@ -490,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the largest budget: minutes of training steps on one core")
     p.add_argument("--budgets-of", type=int, nargs="+", default=[1, 2, 4],
                    help="budgets as multiples of the smallest; the last is --budget-minutes")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--held-out", type=int, default=1000)
