@@ -1,6 +1,6 @@
 """USM against Zigma on Fashion-MNIST at equal training time, on a CPU, with error bars.
 
-    python -m experiments.fashion_mnist --parallel 2   # ~1.5 h on 2 CPU cores
+    python -m experiments.fashion_mnist --parallel 2   # about 2 h on 2 CPU cores
     python -m experiments.fashion_mnist --quick --work-dir /tmp/fm --out /tmp/fm/out  # smoke test
 
 The paper's claim (better samples than Zigma for less compute) shrunk to what two CPU cores train
@@ -292,7 +292,7 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharey="row")
     for row, metric, label in ((0, "fid", "FID"), (1, "classifier", "FD (classifier)")):
         for col, x_key, x_label in ((0, "minutes", "training time (minutes, one core)"),
-                                    (1, "pflops", "training PFLOPs")):
+                                    (1, "tflops", "training TFLOPs")):
             ax = axes[row, col]
             for name in MODELS:
                 points = [r for r in table if r["model"] == name]
@@ -354,11 +354,11 @@ def report(args: argparse.Namespace, command: str, result: dict) -> str:
         "",
         "## Results",
         "",
-        "| budget | model | steps | training PFLOPs | FID | FD (classifier) |",
+        "| budget | model | steps | training TFLOPs | FID | FD (classifier) |",
         "|---|---|---|---|---|---|",
     ]
     for r in table:
-        lines.append(f"| {r['minutes']:g} min | {r['model']} | {r['steps']} | {r['pflops']:.2f} | "
+        lines.append(f"| {r['minutes']:g} min | {r['model']} | {r['steps']} | {r['tflops']:.2f} | "
                      f"{r['fid'][0]:.1f} +- {r['fid'][1]:.1f} | "
                      f"{r['classifier'][0]:.1f} +- {r['classifier'][1]:.1f} |")
     lines += [
@@ -454,7 +454,7 @@ def study(args: argparse.Namespace) -> dict:
         for name in MODELS:
             rows = [r for r in runs if r["model"] == name and r["budget_index"] == i]
             table.append(dict(minutes=minutes, model=name, steps=steps[name][i],
-                              pflops=models[name]["step_flops"] * steps[name][i] / 1e15,
+                              tflops=models[name]["step_flops"] * steps[name][i] / 1e12,
                               fid=mean_std([r["inception"] for r in rows]),
                               classifier=mean_std([r["classifier"] for r in rows])))
         usm = [r for r in runs if r["model"] == "USM-T/4" and r["budget_index"] == i]
