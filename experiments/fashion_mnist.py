@@ -225,13 +225,19 @@ def budget_steps(args: argparse.Namespace, seconds: float) -> list[int]:
     return [unit * k for k in args.budgets_of]
 
 
-def training_flops(model: str, extra: list[str], batch: int) -> float:
-    """FLOPs of one training step: 3x the forward (backward ~ 2x forward) of `batch` images."""
+def model_size(model: str, extra: list[str]) -> dict:
+    """Parameters and forward GFLOPs of one image, counted on the meta device (no weights)."""
     with torch.device("meta"):
         net = All_models[model](input_size=32, in_channels=1, num_classes=10,
                                 **model_kwargs(extra))
         x, t, y = torch.randn(1, 1, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)
-        return 3 * batch * count_flops(net, x, t, y=y)["total"]
+        flops = count_flops(net, x, t, y=y)["total"]
+    return dict(params=sum(p.numel() for p in net.parameters()), gflops=flops / 1e9)
+
+
+def training_tflops(gflops: float, batch: int, steps: int) -> float:
+    """Training TFLOPs: 3x the forward (backward ~ 2x forward) per image, times batch and steps."""
+    return 3 * gflops * batch * steps / 1e3
 
 
 def train_run(name: str, lr: float, seed: int, steps: list[int], args: argparse.Namespace
@@ -423,12 +429,11 @@ def study(args: argparse.Namespace) -> dict:
         f"held-out-{args.held_out}", train_images[-args.held_out:],
         {"classifier": args.classifier.features}, args.work_dir))
 
-    def test_reference() -> None:  # Inception on --ref-images images: minutes, so in the pool
+    def test_reference() -> tuple[str, dict]:  # Inception on --ref-images: minutes, so pooled
         test_images = fashion_mnist("t10k")[0][:args.ref_images]
-        test_references.append(("test", reference_statistics(
-            f"test-{args.ref_images}", test_images, extractors(args), args.work_dir)))
+        return "test", reference_statistics(f"test-{args.ref_images}", test_images,
+                                            extractors(args), args.work_dir)
 
-    test_references: list = []
     with ThreadPoolExecutor(args.parallel) as pool:
         reference_job = pool.submit(test_reference)
         sweep_jobs = [pool.submit(score_run, name, lr, 0, steps[name], steps[name][-1:],
@@ -436,25 +441,20 @@ def study(args: argparse.Namespace) -> dict:
         sweep = [row for job in sweep_jobs for row in job.result()]
         lr = {name: min((r for r in sweep if r["model"] == name),
                         key=lambda r: r["classifier"])["lr"] for name in MODELS}
-        reference_job.result()
-        test = test_references[0]
+        test = reference_job.result()
         final_jobs = [pool.submit(score_run, name, lr[name], seed, steps[name], steps[name],
                                   test, args) for seed in range(args.seeds) for name in MODELS]
         runs = [row for job in final_jobs for row in job.result()]
 
-    models, table, comparisons = {}, [], []
-    for name, (model, extra) in MODELS.items():
-        flops = training_flops(model, extra, args.batch_size)
-        net = All_models[model](input_size=32, in_channels=1, num_classes=10,
-                                **model_kwargs(extra))
-        models[name] = dict(params=sum(p.numel() for p in net.parameters()),
-                            gflops=flops / 3 / args.batch_size / 1e9, step_flops=flops)
+    models = {name: model_size(model, extra) for name, (model, extra) in MODELS.items()}
+    table, comparisons = [], []
     budget_minutes = [args.budget_minutes * k / args.budgets_of[-1] for k in args.budgets_of]
     for i, minutes in enumerate(budget_minutes):
         for name in MODELS:
             rows = [r for r in runs if r["model"] == name and r["budget_index"] == i]
             table.append(dict(minutes=minutes, model=name, steps=steps[name][i],
-                              tflops=models[name]["step_flops"] * steps[name][i] / 1e12,
+                              tflops=training_tflops(models[name]["gflops"], args.batch_size,
+                                                     steps[name][i]),
                               fid=mean_std([r["inception"] for r in rows]),
                               classifier=mean_std([r["classifier"] for r in rows])))
         usm = [r for r in runs if r["model"] == "USM-T/4" and r["budget_index"] == i]
