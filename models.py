@@ -184,8 +184,10 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1) if self.gate else (self.in_proj(x), None)
         h, w = self.grid
         x = F.silu(self.conv2d(rearrange(x, "b (h w) d -> b d h w", h=h, w=w)))
-        y = self.ssm(rearrange(x, "b d h w -> b d (h w)")[:, :, self.perm])
-        y = self.out_norm(rearrange(y[:, :, self.inverse], "b d l -> b l d"))
+        # index_select, not x[:, :, perm]: the same gather, but its backward is a plain scatter
+        # where advanced indexing's is an accumulating index_put_ (2.7x the fwd+bwd time on CPU).
+        y = self.ssm(rearrange(x, "b d h w -> b d (h w)").index_select(2, self.perm))
+        y = self.out_norm(rearrange(y.index_select(2, self.inverse), "b d l -> b l d"))
         return self.out_proj(y * F.silu(z) if self.gate else y)
 
 
@@ -205,10 +207,11 @@ class ZigmaMixer(nn.Module):
         self.register_buffer("inverse", zigzag_inverse(*grid, path, "zigma"), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, z = rearrange(self.in_proj(x[:, self.perm]), "b l d -> b d l").chunk(2, dim=1)
+        x = self.in_proj(x.index_select(1, self.perm))  # the gather of SS2D.forward
+        x, z = rearrange(x, "b l d -> b d l").chunk(2, dim=1)
         x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu")
         y = rearrange(self.ssm(x, z=z), "b d l -> b l d")  # Mamba gates by SiLU(z) in the scan
-        return self.out_proj(y)[:, self.inverse]
+        return self.out_proj(y).index_select(1, self.inverse)
 
 
 class CrossAttention(nn.Module):
