@@ -174,6 +174,10 @@ class SS2D(nn.Module):
         self.grid, self.gate = grid, gate
         self.in_proj = nn.Linear(dim, (2 if gate else 1) * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
+        # Its input is channels-last (a view of the (b, l, d) tokens), so the weight's gradient
+        # comes channels-last too; a (Di, 1, 3, 3) weight is the same memory either way, but DDP
+        # compares strides and warned at every run. Stored channels-last, the two agree.
+        self.conv2d.to(memory_format=torch.channels_last)
         self.ssm = SelectiveSSM(d_inner, d_state, dt_rank=math.ceil(dim / 16))
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
