@@ -203,6 +203,20 @@ def test_output_is_zero_at_init_and_every_parameter_then_learns() -> None:
     assert train_steps(model, inputs, 3) == []
 
 
+@pytest.mark.parametrize("build", [lambda: tiny_usm(num_classes=2),
+                                   lambda: Zigma(input_size=8, in_channels=2, hidden_size=32,
+                                                 depth=2, num_classes=2)],
+                         ids=["USM", "Zigma"])
+def test_gradients_have_their_parameters_strides(build) -> None:
+    # DDP copies each gradient into a bucket view with the parameter's strides, and warns at every
+    # run when they differ (the depthwise conv's weight did: its gradient comes channels-last).
+    model = build()
+    x = torch.randn(2, 2, *model.input_size)
+    model(x, torch.rand(2), torch.tensor([0, 1])).sum().backward()
+    assert [(name, p.grad.stride(), p.stride()) for name, p in model.named_parameters()
+            if p.grad.stride() != p.stride()] == []
+
+
 def test_zigma_every_parameter_learns() -> None:
     torch.manual_seed(0)
     model = Zigma(input_size=8, in_channels=2, hidden_size=32, depth=3, num_classes=2)
