@@ -1,6 +1,6 @@
 """Training data: image folders, COCO captions, and a cache of VAE latents.
 
-Two kinds of data sets are read, each in the layouts it is distributed in (README "Training data",
+Two kinds of data sets are read, each in the layouts it is distributed in (docs/training.md#data,
 docs/upstream.md#data-layout):
 - an ImageFolder: <data>/train/<class>/*.png and <data>/val/... (torchvision's layout: AFHQ's
   afhq.zip, CelebA-HQ's celeba_hq.zip). AFHQ v2 names its held-out split test/: it stands in for a

@@ -423,7 +423,8 @@ def build_model(name: str, model_kwargs: dict) -> nn.Module:
     raise CheckpointError(f"unknown model {name!r}; known: {', '.join(All_models)}")
 
 
-# What train.py's checkpoint folders hold (accelerate's save_state names; README "Checkpoints"):
+# What train.py's checkpoint folders hold (accelerate's save_state names;
+# docs/cluster.md#checkpoints):
 # the EMA is the first object registered for checkpointing. The authors' save_state folders
 # prepare the EMA as a second model instead.
 MODEL_FILE, EMA_FILE = "model.safetensors", "custom_checkpoint_0.pkl"

@@ -7,7 +7,7 @@ image folders or COCO captions, in the VAE's latent space or in pixel space.
 
 Every option is accepted with dashes and with underscores (--batch-size / --batch_size). Each run
 writes <results_dir>/<NNN>-<model>/ with log.txt, samples/step-XXXXXXX.png, tensorboard/ and
-checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; README "Checkpoints"). A run
+checkpoints/step-XXXXXXX/ (accelerate's save_state + meta.json; docs/cluster.md#checkpoints). A run
 started again with the same --results-dir and --model resumes the newest experiment from its latest
 checkpoint that verifies against its checksums, exactly where it stopped (same data order and
 random draws).
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Data
     add_option(p, "data-path", required=True,
                help="folder with train/ and val/ or test/ (ImageFolder), or COCO captions with "
-                    "annotations/ (README: Training data)")
+                    "annotations/ (docs/training.md#data)")
     add_option(p, "has-text", action="store_true",
                help="text-conditional (the authors' flag): --data-path must be COCO captions, "
                     "which are text-conditional with or without it")

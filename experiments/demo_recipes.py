@@ -131,7 +131,7 @@ def report(rows: list[dict], command: str, classifier_acc: float) -> str:
         "demo's. Training time: train.py's wall clock (start-up, training, and the 100-image grid "
         "at guidance 3 it draws at the end), which is what the demo costs, but taken while other "
         "runs shared the CPU: rough. The step counts were set from the step costs measured alone; "
-        "the README times scripts/demo.sh run alone.",
+        "docs/experiments.md times scripts/demo.sh run alone.",
         "",
         "| recipe | training time | FID | x old | FD (classifier) | x old |",
         "|---|---|---|---|---|---|",

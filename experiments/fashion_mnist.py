@@ -78,7 +78,8 @@ def slug(name: str) -> str:
 
 def launcher(processes: int) -> list[str]:
     """How a script starts on `processes` CPU processes: python itself for one; accelerate's
-    multi-process launcher for more, on CPUs and gloo (ACCELERATE_USE_CPU=1, see README)."""
+    multi-process launcher for more, on CPUs and gloo (ACCELERATE_USE_CPU=1, see
+    docs/training.md#several-processes)."""
     if processes == 1:
         return [sys.executable]
     with socket.socket() as free:  # a port of its own: several launches may run at once

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates tests/results.md, the source of the figures the README quotes about the tests: how
+# Regenerates tests/results.md, the source of the figures README.md and docs/testing.md quote about the tests: how
 # many tests `bash scripts/test.sh` runs and how long it takes on this machine, and the message a
-# damaged checkpoint of the tiny test model gives (README "Checkpoints").
+# damaged checkpoint of the tiny test model gives (docs/cluster.md#checkpoints).
 # Usage: bash scripts/measure_tests.sh   (on a quiet machine: the times are wall clock)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -181,7 +181,7 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch) -> None
     # In one process the memory high-water mark is reached once, so only the speed and FLOP
     # figures exist here (memory: the isolated test below).
     assert all(r["ours"] is not None for r in result["ratios"] if r["kind"] != "less")
-    # The FLOP rows count the models the README names (256 px: 32x32x4 latents, learned
+    # The FLOP rows count the models docs/benchmark.md names (256 px: 32x32x4 latents, learned
     # positional embedding), built and counted here independently of the benchmark's plumbing.
     counted = {}
     for name in ("USM-T/1", "Zigma-T/1"):

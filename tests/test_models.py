@@ -34,7 +34,7 @@ def test_registry_output_shapes(name: str) -> None:
 
 
 # (blocks, width, encoder stages) of every registry name: the published sizes
-# (docs/upstream.md#usm-architecture, #zigma-network) and the README's table.
+# (docs/upstream.md#usm-architecture, #zigma-network) and docs/models.md's table.
 SIZES = {"USM-XL": (57, 1152, (10, 9, 9)), "USM-L": (49, 1024, (8, 8, 8)),
          "USM-B": (25, 768, (4, 4, 4)), "USM-S": (13, 384, (2, 2, 2)), "USM-T": (7, 64, (1, 1, 1)),
          "Zigma-B": (24, 768, None), "Zigma-S": (12, 384, None), "Zigma-T": (6, 64, None)}

@@ -1,5 +1,5 @@
 """Stopping cleanly on a cluster: real signals sent to real train.py / sample.py processes (1
-process, and 2 CPU processes started as the README's "Several CPU processes" command starts them),
+process, and 2 CPU processes started as docs/training.md#several-processes starts them),
 the time limit and --requeue, and a checkpoint write that fails on the main process of 2. A stopped
 run is resumed with the same command and compared, tensor for tensor, with one never interrupted."""
 
@@ -35,7 +35,8 @@ def train_argv(data: Path, results: Path, *extra: str) -> list[str]:
 
 def launch(argv: list[str], processes: int, env: dict | None = None,
            **popen) -> subprocess.Popen:
-    """train.py: `python train.py` for 1 process, else the README's accelerate launch on CPUs."""
+    """train.py: `python train.py` for 1 process, else docs/training.md's accelerate launch on
+    CPUs."""
     command = [sys.executable, "train.py", *argv]
     if processes > 1:
         command[1:2] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -189,7 +190,7 @@ def scontrol(tmp_path, monkeypatch) -> Path:
     return calls
 
 
-# The README's sbatch script: torchrun passes SIGUSR1 on to the workers, as it does SIGTERM.
+# docs/cluster.md's sbatch script: torchrun passes SIGUSR1 on to the workers, as it does SIGTERM.
 SBATCH_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
 
 

@@ -298,8 +298,8 @@ def test_resuming_into_a_folder_of_other_settings_is_refused(experiment, tmp_pat
 
 def test_heun_sampler_end_to_end_is_the_hand_written_heun(experiment, tmp_path):
     # Heun's method written out here (slopes at both ends of a step, averaged; a plain Euler last
-    # step, as README and diffusion/rectified_flow.py state) on the checkpoint's EMA weights, from
-    # the noise and labels sample.py documents for each index.
+    # step, as docs/sampling.md and diffusion/rectified_flow.py state) on the checkpoint's EMA
+    # weights, from the noise and labels sample.py documents for each index.
     steps, n = 3, 4
     folder = run(experiment, tmp_path / "heun", "--sampler", "heun", "--num-sampling-steps",
                  str(steps), "--num-samples", str(n))

@@ -355,7 +355,7 @@ def test_two_cpu_processes_with_the_authors_command_line(two_processes):
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 def test_two_machines_equal_two_processes_on_one(images, features, two_processes, tmp_path):
     """Two launchers, machine ranks 0 and 1, one process each, meeting over 127.0.0.1: the
-    multi-node launch of the README, on one host."""
+    multi-node launch of docs/cluster.md, on one host."""
     port = str(free_port())
     machines = [subprocess.Popen(
         launch_command(images, tmp_path, features, "--num_machines", "2", "--machine_rank",
