@@ -33,7 +33,7 @@ INSTALL_HINT = "source scripts/setup_cuda.sh"  # builds mamba-ssm and causal-con
 CPU_BUILD_HINT = "a C++ compiler (CXX, default c++) and ninja (pip install ninja)"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the GPU kernels accept
 # The first-use check of the Triton scan: long enough to cross a chunk border (256 tokens), with
-# two B/C groups and every optional input (check.scan_parity passes D, z, delta_bias, softplus).
+# every optional input (check.scan_parity passes D, z, delta_bias and softplus).
 TRITON_CHECK_SHAPE = {"batch": 2, "dim": 8, "length": 300, "state": 16}
 _backend = "auto"  # process-wide: see set_backend
 

@@ -185,13 +185,13 @@ def _scan_bwd_kernel(
             hs += decay * _column(h0, offs_n, n)[:, None]  # the recomputed states h_t
             y += hs * C_n
             tl.atomic_add(dC_ptr + bc_rows + n * length + offs_t, tl.sum(gy * hs, axis=0),
-                          mask=t_ok)
+                          mask=t_ok, sem="relaxed")
             growth, mu = tl.associative_scan(
                 (tl.exp(dt_next * A_n[:, None]), gy * C_n), 1, _compose, reverse=True)
             mu += growth * _column(mu_next, offs_n, n)[:, None]  # mu_t, the gradient of h_t
             mu_next = tl.where(column, _column(mu, offs_c, 0)[:, None], mu_next)
             tl.atomic_add(dB_ptr + bc_rows + n * length + offs_t, tl.sum(mu * dtx, axis=0),
-                          mask=t_ok)
+                          mask=t_ok, sem="relaxed")
             mu_B += mu * B_n
             q = mu * (hs - b)  # mu_t a_t h_{t-1}: the gradient of a_t, times a_t
             mu_hA += q * A_n[:, None]
