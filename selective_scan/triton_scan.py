@@ -17,13 +17,18 @@ dC are sums over a group's channels, accumulated with float32 atomic adds like m
 (so their last bits depend on the order the programs run in); dA, dD and d delta_bias are summed
 over the batch from per-program partial sums.
 
-Bounds: N <= MAX_STATE. Each program keeps its chunk-start states, their gradients and the
-gradient of A as (BLOCK_D, next power of two of N) float32 tiles in registers, beside the
-(BLOCK_D, CHUNK) tiles of the scan; past 256 states these spill out of registers. Any L (a
-partial last chunk is padded with delta = 0, which decays by 1 and adds nothing) and any Di.
+Bounds: N <= MAX_STATE = 256. A program keeps the chunk-start states (and in the backward their
+gradients and dA) as (BLOCK_D, next power of two of N) tiles in registers, and registers cannot be
+indexed by the loop variable n: taking state n out of such a tile and putting it back costs O(N)
+per state per chunk, O(N^2) per chunk, against O(N CHUNK) for the scans. Up to N = CHUNK = 256 the
+scans dominate; past it the bookkeeping would. (Registers are not the bound: compiled for sm_90
+by Triton 3.9 without a GPU, `triton.compile` as in tests/test_triton_scan.py and then
+`cuobjdump -res-usage`, the kernels take at most 182 registers a thread, none spilled, for every
+N up to 256.) Any L (a partial last chunk is padded with delta = 0, which decays by 1 and adds
+nothing) and any Di.
 
-Under TRITON_INTERPRET=1 (read when this module is imported) the same kernels run on CPU tensors
-through Triton's interpreter: that is how the tests check them without a GPU.
+With TRITON_INTERPRET=1 set before Triton is imported, the same kernels run on CPU tensors through
+Triton's interpreter: that is how the tests check them without a GPU.
 """
 
 import torch
@@ -34,13 +39,12 @@ from triton.runtime.interpreter import InterpretedFunction
 
 CHUNK = 256  # tokens per chunk: the checkpoint interval, and the length of a parallel scan
 # Channels x tokens per program (BLOCK_D = tile // CHUNK channels at full chunks): compiled for an
-# H100 (sm_90) by Triton 3.9, the forward takes 161 registers a thread at 1024, the backward, with
-# more tiles alive, 168 at 512 (253 at 1024), none spilled. Not yet tuned on a GPU.
+# H100 (sm_90) as above, N = 16, the forward takes 161 registers a thread at 1024, the backward,
+# with more tiles alive, 168 at 512 (253 at 1024), none spilled. Not yet tuned on a GPU.
 FWD_TILE, BWD_TILE = 1024, 512
 # a * b + c as one FMA (Triton's default so far; 3.9 warns unless it is asked for by name)
 COMPILE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
 MAX_STATE = 256
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
