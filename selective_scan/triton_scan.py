@@ -31,6 +31,8 @@ With TRITON_INTERPRET=1 set before Triton is imported, the same kernels run on C
 Triton's interpreter: that is how the tests check them without a GPU.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -230,6 +232,12 @@ def launch_shape(length: int, group_dim: int, state: int, chunk: int | None,
     return {"CHUNK": chunk, "BLOCK_D": block_d, "BLOCK_N": triton.next_power_of_2(state)}
 
 
+def on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it t's (tensors on cuda:1, say, in a
+    process that never called set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def grid(shape: dict[str, int], group_dim: int, groups: int, batch: int) -> tuple[int, ...]:
     """One program per (block of BLOCK_D channels, group, batch element)."""
     return triton.cdiv(group_dim, shape["BLOCK_D"]), groups, batch
@@ -260,11 +268,12 @@ class TritonScan(torch.autograd.Function):
         flags = {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
                  "SOFTPLUS": bool(delta_softplus)}
         if out.numel():  # absent optional tensors: another pointer stands in, never read
-            _scan_fwd_kernel[grid(shape, dim // groups, groups, batch)](
-                u_, delta_, A_, B_, C_, D_ if D is not None else A_, z_ if z is not None else u_,
-                bias_ if delta_bias is not None else A_, out, out if states is None else states,
-                dim, length, state, dim // groups, n_chunks, **flags,
-                SAVE_STATES=states is not None, **shape, **COMPILE_OPTIONS)
+            pointers = (u_, delta_, A_, B_, C_, A_ if D is None else D_, u_ if z is None else z_,
+                        A_ if delta_bias is None else bias_, out, out if states is None else states)
+            with on_device(u_):
+                _scan_fwd_kernel[grid(shape, dim // groups, groups, batch)](
+                    *pointers, dim, length, state, dim // groups, n_chunks, **flags,
+                    SAVE_STATES=states is not None, **shape, **COMPILE_OPTIONS)
         ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, states)
         ctx.flags, ctx.chunk, ctx.B_shape = flags, shape["CHUNK"], B.shape
         ctx.dtypes = [None if t is None else t.dtype for t in (A, B, C, D, delta_bias)]
@@ -282,12 +291,13 @@ class TritonScan(torch.autograd.Function):
         dD, dbias = (u.new_zeros(batch, dim, dtype=torch.float32) for _ in range(2))
         dB, dC = (u.new_zeros(B.shape, dtype=torch.float32) for _ in range(2))  # atomic sums
         if u.numel():
-            _scan_bwd_kernel[grid(shape, dim // groups, groups, batch)](
-                u, delta, A, B, C, A if D is None else D, u if z is None else z,
-                A if bias is None else bias, states, grad_out.contiguous(),
-                du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
-                dim, length, state, dim // groups, states.shape[2], **ctx.flags, **shape,
-                **COMPILE_OPTIONS)
+            pointers = (u, delta, A, B, C, A if D is None else D, u if z is None else z,
+                        A if bias is None else bias, states, grad_out.contiguous(),
+                        du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC)
+            with on_device(u):
+                _scan_bwd_kernel[grid(shape, dim // groups, groups, batch)](
+                    *pointers, dim, length, state, dim // groups, states.shape[2], **ctx.flags,
+                    **shape, **COMPILE_OPTIONS)
         weights = (dA.sum(0), dB.view(ctx.B_shape), dC.view(ctx.B_shape), dD.sum(0), dbias.sum(0))
         dA, dB, dC, dD, dbias = (None if dtype is None else g.to(dtype)
                                  for g, dtype in zip(weights, ctx.dtypes, strict=True))
