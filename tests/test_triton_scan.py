@@ -104,3 +104,14 @@ def test_triton_refuses_cpu_tensors_outside_the_interpreter():
     inputs = {k: v.detach().float() for k, v in make_inputs(3).items()}
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         selective_scan(**inputs, backend="triton")
+
+
+def test_kernel_report_has_a_triton_row(monkeypatch):
+    from selective_scan.check import kernel_report
+
+    if dispatch.load_triton_scan()[0] is not None:
+        assert "loads  triton (Triton scan" in kernel_report()
+    monkeypatch.setattr("selective_scan.check.load_triton_scan",
+                        lambda: (None, "ImportError: no triton"))
+    assert "MISSING triton (Triton scan, compiled on a GPU's first use): ImportError: no triton" \
+        in kernel_report()
