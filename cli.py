@@ -155,16 +155,18 @@ def ignored_note(args: argparse.Namespace) -> str | None:
 def add_scan_backend(parser: argparse.ArgumentParser) -> None:
     """--scan-backend: which selective scan the models run (see `use_scan_backend`)."""
     add_option(parser, "scan-backend", choices=BACKENDS, default="auto",
-               help="auto: mamba_ssm's CUDA kernel on a GPU when it loads, the C++ CPU scan on "
-                    "the CPU when it builds (on first use), else the PyTorch scan; torch: always "
-                    "the PyTorch scan; cpu, mamba_ssm: that fused scan or refuse to start "
+               help="auto: on a GPU mamba_ssm's CUDA kernel when it loads, else the Triton scan "
+                    "(checked against the PyTorch scan at first use), on the CPU the C++ scan "
+                    "when it builds (on first use), else the PyTorch scan; torch: always the "
+                    "PyTorch scan; cpu, mamba_ssm, triton: that fused scan or refuse to start "
                     "(`python -m selective_scan` says what loads here)")
 
 
 def use_scan_backend(backend: str, device: torch.device) -> str:
     """Make `backend` the process-wide scan backend and return the line to log: the backend a run
-    on `device` uses, and why. Refuses (SystemExit) where mamba_ssm or cpu was asked for and
-    cannot run; "auto" without the device's fused scan warns once, naming the error and the fix."""
+    on `device` uses, and why. Refuses (SystemExit) where mamba_ssm, triton or cpu was asked for
+    and cannot run; "auto" without the device's fused scan warns once, naming the error and the
+    fix."""
     set_backend(backend)
     try:
         used, why = resolve_backend(device)

@@ -1,7 +1,7 @@
 """Selective scan speed: forward + backward of each backend against the token-by-token reference.
 
     python -m benchmarks.bench_scan                  # CPU: batch 4, Di 128, L 1024, N 16, float32
-    python -m benchmarks.bench_scan --device cuda    # also mamba_ssm's kernel when it is installed
+    python -m benchmarks.bench_scan --device cuda    # also mamba_ssm's kernel and the Triton scan
     python -m benchmarks.bench_scan --cpu-table benchmarks/results/scan_cpu.md   # torch vs cpu
 
 A benchmark, not a test: it prints the median time of one forward pass plus the backward pass to
@@ -32,6 +32,7 @@ from models import All_models
 from selective_scan import mamba_ssm_available, selective_scan, selective_scan_ref, set_backend
 from selective_scan.check import scan_inputs
 from selective_scan.cpu import load_cpu_kernel
+from selective_scan.dispatch import load_triton_scan
 
 # (batch, Di, L, N) of the demo's scans: USM-T/4 at batch 32 scans 64, 16, 4 and 1 tokens.
 DEMO_SCANS = [(32, 128, 64, 16), (32, 128, 16, 16), (32, 128, 4, 16), (32, 128, 1, 16)]
@@ -65,8 +66,8 @@ def time_backends(
     repeats: int = 5,
 ) -> list[dict]:
     """Forward + backward time of the reference, the torch backend, the cpu backend on CPU when
-    it builds and, on CUDA when installed, mamba_ssm's kernel. One dict per backend: backend,
-    shape (B, Di, L, N), ms, speedup."""
+    it builds and, on CUDA when installed, mamba_ssm's kernel and the Triton scan. One dict per
+    backend: backend, shape (B, Di, L, N), ms, speedup."""
     inputs = scan_inputs(batch, dim, length, state, dtype, device)
     grad_out = torch.randn_like(inputs["u"])
     scans = {"reference": selective_scan_ref, "torch": partial(selective_scan, backend="torch")}
@@ -74,6 +75,8 @@ def time_backends(
         scans["cpu"] = partial(selective_scan, backend="cpu")
     if device.startswith("cuda") and mamba_ssm_available():
         scans["mamba_ssm"] = partial(selective_scan, backend="mamba_ssm")
+    if device.startswith("cuda") and load_triton_scan()[0] is not None:
+        scans["triton"] = partial(selective_scan, backend="triton")
     ms = {name: 1e3 * time_fn(fwd_bwd(scan, inputs, grad_out), warmup, repeats)
           for name, scan in scans.items()}
     shape = (batch, dim, length, state)

@@ -1,7 +1,7 @@
 """`python -m selective_scan`: which selective-scan backends load here, why the others do not and
 how to fix that; a forward + backward parity check against the PyTorch scan of the C++ CPU scan
-(when it builds) and, on a GPU, of mamba_ssm's kernel. Exit status 1 when a fused scan disagrees,
-or when a GPU is visible but the kernel is missing."""
+(when it builds) and, on a GPU, of mamba_ssm's kernel and of the Triton scan (when they load).
+Exit status 1 when a fused scan disagrees, or when a GPU is visible but neither loads."""
 
 import sys
 
@@ -9,14 +9,19 @@ import torch
 
 from .check import PARITY_TOL, kernel_parity, kernel_report
 from .cpu import load_cpu_kernel
-from .dispatch import mamba_ssm_available
+from .dispatch import load_triton_scan, mamba_ssm_available
 
 
 def parity_ok(backend: str, dtypes: tuple[torch.dtype, ...], **shape: int) -> bool:
     """Print the parity of `backend` with the PyTorch scan per dtype; True when all pass."""
     ok = True
     for dtype in dtypes:
-        errors, tol = kernel_parity(dtype, backend=backend, **shape), PARITY_TOL[dtype]
+        try:
+            errors, tol = kernel_parity(dtype, backend=backend, **shape), PARITY_TOL[dtype]
+        except RuntimeError as err:  # e.g. the Triton scan failed its first-use check
+            print(f"parity {backend} vs PyTorch scan, {dtype}: FAILED ({err})")
+            ok = False
+            continue
         worst = max(errors, key=errors.get)
         passed = errors[worst] <= tol
         ok &= passed
@@ -36,10 +41,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no GPU: mamba_ssm's kernel is not needed here")
         return 0 if ok else 1
-    if not mamba_ssm_available():
-        print("a GPU without mamba_ssm's kernel: training takes the slow PyTorch scan")
+    gpu_backends = [name for name, loads in (("mamba_ssm", mamba_ssm_available()),
+                                             ("triton", load_triton_scan()[0] is not None))
+                    if loads]
+    if not gpu_backends:
+        print("a GPU without mamba_ssm's kernel or Triton: training takes the slow PyTorch scan")
         return 1
-    ok &= parity_ok("mamba_ssm", (torch.float32, torch.bfloat16))
+    for backend in gpu_backends:
+        ok &= parity_ok(backend, (torch.float32, torch.bfloat16))
     return 0 if ok else 1
 
 

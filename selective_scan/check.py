@@ -17,7 +17,13 @@ from torch import Tensor
 
 from .conv import load_conv_kernel
 from .cpu import load_cpu_kernel
-from .dispatch import CPU_BUILD_HINT, INSTALL_HINT, load_mamba_kernel, selective_scan
+from .dispatch import (
+    CPU_BUILD_HINT,
+    INSTALL_HINT,
+    load_mamba_kernel,
+    load_triton_scan,
+    selective_scan,
+)
 
 # Largest |a - b| / max |b| accepted per dtype for the output and each gradient: float32 differs
 # by summation order only; bfloat16 inputs and outputs carry 8 bits of mantissa (about 4e-3).
@@ -68,8 +74,9 @@ def scan_parity(scan: Callable[..., Tensor], against: Callable[..., Tensor], bat
 
 def kernel_parity(dtype: torch.dtype, batch: int = 2, dim: int = 256, length: int = 512,
                   state: int = 16, backend: str = "mamba_ssm") -> dict[str, float]:
-    """A fused backend (mamba_ssm on the GPU, cpu on the CPU) against the PyTorch scan."""
-    device = "cuda" if backend == "mamba_ssm" else "cpu"
+    """A fused backend (mamba_ssm or triton on the GPU, cpu on the CPU) against the PyTorch
+    scan."""
+    device = "cpu" if backend == "cpu" else "cuda"
     return scan_parity(partial(selective_scan, backend=backend),
                        partial(selective_scan, backend="torch"),
                        batch, dim, length, state, dtype, device)
@@ -87,12 +94,16 @@ def backend_status() -> list[dict]:
     scan, scan_error = load_mamba_kernel()
     conv, conv_error = load_conv_kernel()
     cpu, cpu_error = load_cpu_kernel()
+    triton_scan, triton_error = load_triton_scan()
     return [
         {"name": "torch (chunked PyTorch scan)", "loads": True, "detail": "always available"},
         {"name": "cpu (C++ CPU scan, built on first use)", "loads": cpu is not None,
          "detail": cpu._name if cpu else cpu_error},
         {"name": "mamba_ssm (selective_scan_cuda kernel)", "loads": scan is not None,
          "detail": f"mamba-ssm {package_version('mamba-ssm')}" if scan else scan_error},
+        {"name": "triton (Triton scan, compiled on a GPU's first use)",
+         "loads": triton_scan is not None,
+         "detail": f"triton {triton_scan.triton.__version__}" if triton_scan else triton_error},
         {"name": "causal_conv1d (Zigma's causal conv1d)", "loads": conv is not None,
          "detail": f"causal-conv1d {package_version('causal-conv1d')}" if conv else conv_error},
     ]
@@ -118,7 +129,7 @@ def kernel_report() -> str:
         lines.append(f"  {'loads ' if row['loads'] else 'MISSING'} {row['name']}: {row['detail']}")
     if not rows[1]["loads"]:
         lines.append(f"fix for cpu: {CPU_BUILD_HINT}")
-    if not all(row["loads"] for row in rows[2:]):
+    if not (rows[2]["loads"] and rows[4]["loads"]):  # mamba_ssm's scan, causal_conv1d
         lines.append(f"fix (on Linux with an NVIDIA GPU and the CUDA toolkit of torch's CUDA "
                      f"build): {INSTALL_HINT}")
     return "\n".join(lines)

@@ -31,9 +31,11 @@ CUDA = torch.device("cuda")  # only inspected, never allocated on
 
 @pytest.fixture
 def no_kernel(monkeypatch):
-    """As on a machine where mamba_ssm's kernel does not import; restores the backend after."""
+    """As on a machine where mamba_ssm's kernel does not import, nor Triton (test_triton_scan.py
+    covers the GPU path with Triton); restores the backend after."""
     error = "ModuleNotFoundError: No module named 'selective_scan_cuda'"
     monkeypatch.setattr(dispatch, "load_mamba_kernel", lambda: (None, error))
+    monkeypatch.setattr(dispatch, "load_triton_scan", lambda: (None, "ImportError: no triton"))
     dispatch.warn_slow_path.cache_clear()
     yield
     dispatch.warn_slow_path.cache_clear()
@@ -55,7 +57,7 @@ def test_resolve_backend_says_what_runs_and_why(no_kernel, monkeypatch):
     set_backend("torch")  # the process-wide setting is what resolve_backend reads by default
     assert resolve_backend(CUDA)[0] == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
-        set_backend("triton")
+        set_backend("jax")
 
 
 def test_process_wide_backend_reaches_the_models_scan(no_kernel):
