@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, ModelCard, ModelCardData, create_repo, upload_folder
 from transformers import AutoTokenizer, CLIPTextModel
 
 from diffusion import classifier_free_guidance
@@ -101,7 +102,8 @@ class USMPipeline(DiffusionPipeline):
     Euler grid), DDPMScheduler / DDIMScheduler for Gaussian diffusion.
 
     vae_repo / text_encoder_repo: a Hub repository (or folder) the VAE / CLIP text encoder is read
-    from when the folder does not include it (e.g. stabilityai/sd-vae-ft-ema).
+    from when the folder does not include it (e.g. stabilityai/sd-vae-ft-ema). license: the model
+    card's. save_pretrained and push_to_hub write what `python -m loader export` writes.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -111,16 +113,20 @@ class USMPipeline(DiffusionPipeline):
                  scheduler: FlowMatchEulerDiscreteScheduler | DDPMScheduler,
                  vae: AutoencoderKL | None = None, text_encoder: CLIPTextModel | None = None,
                  tokenizer=None, vae_repo: str | None = None,
-                 text_encoder_repo: str | None = None):
+                 text_encoder_repo: str | None = None, license: str = "other"):
         super().__init__()
-        if vae is None and vae_repo:
-            vae = AutoencoderKL.from_pretrained(vae_repo)
-        if text_encoder is None and text_encoder_repo:
-            tokenizer = AutoTokenizer.from_pretrained(text_encoder_repo)
-            text_encoder = CLIPTextModel.from_pretrained(text_encoder_repo)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer)
-        self.register_to_config(vae_repo=vae_repo, text_encoder_repo=text_encoder_repo)
+        self.register_to_config(vae_repo=vae_repo, text_encoder_repo=text_encoder_repo,
+                                license=license)
+        # An encoder read from its repository stays a reference: registered as None, its
+        # model_index.json entry stays [null, null] when it is set (DiffusionPipeline's
+        # __setattr__), so save_pretrained does not copy it; .to() and CPU offload still see it.
+        if vae is None and vae_repo:
+            self.vae = AutoencoderKL.from_pretrained(vae_repo)
+        if text_encoder is None and text_encoder_repo:
+            self.tokenizer = AutoTokenizer.from_pretrained(text_encoder_repo)
+            self.text_encoder = CLIPTextModel.from_pretrained(text_encoder_repo)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
@@ -138,6 +144,43 @@ class USMPipeline(DiffusionPipeline):
         if module.is_file() and module.read_text() == PIPELINE_CODE:
             kwargs["trust_remote_code"] = True
         return super().from_pretrained(folder, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' save_pretrained (safetensors only), then what makes the folder load as this
+        pipeline with diffusers' DiffusionPipeline: model_index.json's _class_name names the
+        custom-code module, written beside it; and the model card, README.md."""
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("use USMPipeline.push_to_hub: it uploads the model card too")
+        kwargs["safe_serialization"] = True
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        # diffusers' configs record where they were loaded from (_name_or_path): a path of this
+        # machine, and a re-saved folder would differ from the export by it.
+        for path in [folder / PIPELINE_INDEX, *folder.glob("*/config.json")]:
+            config = json.loads(path.read_text())
+            if path.name == PIPELINE_INDEX:
+                config["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            elif "_name_or_path" not in config:
+                continue
+            config.pop("_name_or_path", None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # their format
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_CODE)
+        references = {k: self.config[k] for k in ("vae_repo", "text_encoder_repo")
+                      if self.config[k]}
+        model_card(self.transformer.config, references, self.config.license).save(
+            folder / "README.md")
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None,
+                    private: bool | None = None, token: str | None = None,
+                    create_pr: bool = False) -> CommitInfo:
+        """Upload what save_pretrained writes to the Hub repository repo_id (created if needed).
+        diffusers' own push_to_hub would replace the model card with a generic one."""
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return upload_folder(repo_id=repo_id, folder_path=folder, token=token,
+                                 commit_message=commit_message or "Upload USMPipeline",
+                                 create_pr=create_pr)
 
     def _conditions(self, class_labels: list[int] | None, prompt: str | list[str] | None,
                     device: torch.device) -> tuple[int, dict, dict]:
@@ -249,8 +292,6 @@ def _encoders(args: dict, text: bool, include_vae: bool, include_text_encoder: b
     if vae_spec != "none":
         if include_vae:
             components["vae"] = load_vae(vae_spec, "cpu")
-            # where it was read from, which config.json records: not a path of this machine
-            components["vae"].register_to_config(_name_or_path="vae")
         elif Path(vae_spec).exists():
             raise ValueError(f"the VAE is the local folder {vae_spec}: a Hub reference to it "
                              "would not load elsewhere; pass --include-vae")
@@ -354,17 +395,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, include_vae: bool = F
                                   timestep_spacing="linspace")
     text = meta["model_kwargs"].get("context_dim") is not None
     components, references = _encoders(args, text, include_vae, include_text_encoder)
-    pipe = USMPipeline(transformer, scheduler, **components)
+    pipe = USMPipeline(transformer, scheduler, **components, license=license)
     pipe.register_to_config(**references)  # named, not loaded: the export stays offline
-
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    # diffusers loads a pipeline class of its own from a folder only as custom code.
-    index = json.loads((tmp / PIPELINE_INDEX).read_text())
-    index["_class_name"] = [PIPELINE_MODULE, USMPipeline.__name__]
-    (tmp / PIPELINE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_CODE)
-    model_card(transformer.config, references, license).save(tmp / "README.md")
     os.replace(tmp, out)
     return out

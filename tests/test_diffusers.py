@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
-from huggingface_hub import constants
+from huggingface_hub import RepoUrl, constants
 
 import loader
 import sample
+import usm_diffusers
 from diffusion import create_diffusion
 from encoders import load_text_encoder, load_vae
 from loader import load_checkpoint, load_model
@@ -102,8 +103,10 @@ def test_export_reloads_exactly_without_pickle_and_exports_byte_identical(
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 
     NoPickle(monkeypatch)
-    # export -> load -> export: the same bytes
+    # export -> load -> export, and a loaded pipeline saved: the same bytes
     assert files_of(export(out, tmp_path / "again")) == files
+    USMPipeline.from_pretrained(out).save_pretrained(tmp_path / "saved")
+    assert files_of(tmp_path / "saved") == files
     for net in (load_model(out), USMPipeline.from_pretrained(out).transformer.net,
                 DiffusionPipeline.from_pretrained(out, trust_remote_code=True).transformer.net):
         state = net.state_dict()
@@ -134,6 +137,30 @@ def test_custom_code_is_run_only_when_it_is_the_import_export_writes(class_expor
     (out / f"{PIPELINE_MODULE}.py").write_text("import os\nos.system('echo other code')\n")
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         USMPipeline.from_pretrained(out)
+
+
+def test_push_to_hub_uploads_the_export(class_export, monkeypatch):
+    uploaded = {}
+
+    def upload_folder(repo_id: str, folder_path: str, **kwargs) -> None:
+        uploaded[repo_id] = files_of(Path(folder_path))
+
+    monkeypatch.setattr(usm_diffusers, "create_repo", lambda repo_id, **kwargs: RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(usm_diffusers, "upload_folder", upload_folder)
+    USMPipeline.from_pretrained(class_export[1]).push_to_hub("owner/usm-demo")
+    assert uploaded == {"owner/usm-demo": files_of(class_export[1])}
+
+
+def test_a_named_vae_is_loaded_and_stays_a_name(class_export, tmp_path):
+    vae = save_tiny_vae(tmp_path / "vae")
+    pipe = USMPipeline.from_pretrained(class_export[1])
+    pipe = USMPipeline(pipe.transformer, pipe.scheduler, vae_repo=str(vae))
+    assert pipe.vae.config.latent_channels == 4 and "vae" in pipe.components
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["vae_repo"] == str(vae)
+    assert not (tmp_path / "saved" / "vae").exists()
 
 
 def test_flow_pipeline_samples_what_sample_py_samples(class_export):
