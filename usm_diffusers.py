@@ -338,13 +338,14 @@ def model_card(config: dict, references: dict, license: str) -> ModelCard:
                     f"{steps}, guidance {args.get('cfg_scale')}) against as many images of the "
                     f"{args.get('fid_reference')} split, Inception resize "
                     f"{args.get('fid_resize')} (train.py's FID)")
-    encoders = [f"- {name}: {repo} (read from the Hub when the pipeline loads)"
-                for name, repo in sorted(references.items())]
+    encoders = "".join(f"\n- {name.removesuffix('_repo')}: {repo} (read from the Hub when the "
+                       "pipeline loads)" for name, repo in sorted(references.items()))
     body = f"""
-# {config['model']}: {kind} image generation with a Mamba diffusion model
+# {config['model']}: {kind.replace("-to-image", "-to")} image generation with Mamba diffusion
 
-Exported by `python -m loader export` from {SOURCES[training['source']]}. The network's code is
-the repository that exported it: keep it importable (run from its root or put it on PYTHONPATH).
+Exported by `python -m loader export` from {SOURCES[training['source']]}.
+The network's code is the repository that exported it: keep it importable (run from its root or
+put it on PYTHONPATH). Defaults: 25 Euler steps for rectified flow, 250 DDPM steps otherwise.
 
 ```python
 from diffusers import DiffusionPipeline
@@ -356,11 +357,10 @@ images = {call}.images
 
 - Model: {config['model']} {json.dumps(kwargs, sort_keys=True)}
 - Objective: {objective}; weights: the EMA
-- Training step: {training.get('step', 'not recorded')}
-- FID: {fid_line}
-{chr(10).join(encoders)}
+- Training step: {'not recorded' if training.get('step') is None else training['step']}
+- FID: {fid_line}{encoders}
 
-Training options (train.py's arguments as the checkpoint records them):
+Training arguments, as the checkpoint records them:
 
 ```json
 {json.dumps(args, indent=1, sort_keys=True, default=str)}
