@@ -27,12 +27,13 @@ from tests.fixtures import make_hub_cache, save_tiny_clip, save_tiny_vae
 from tests.test_upstream_parity import FIXTURES
 from usm_diffusers import PIPELINE_MODULE, USMPipeline, export
 
-# |pipeline - sample.py| on images in [0, 1]. Both run the same float32 network; they differ in
-# how the time grid is rounded: ours is torch.linspace(0, 1, N + 1) stepped by its differences,
-# diffusers' the float32 sigmas 1 - i / N stepped by sigma differences and the network queried at
-# 1 - 1000 sigma / 1000 (Gaussian: betas in float32 there, float64 here). A few ulps of t per step,
-# carried through the steps of a random network: measured at most 1.2e-6 (pixel) and 4e-6
-# (latent, through the VAE), so 2e-5; a wrong sign, time or guidance is off by > 1e-2.
+# |pipeline - sample.py| on images in [0, 1] (latents for the authors' model). Both run the same
+# float32 network; they round the time grid differently: ours is torch.linspace(0, 1, N + 1)
+# stepped by its differences, diffusers' the float32 sigmas 1 - i / N stepped by theirs with the
+# network queried at 1 - 1000 sigma / 1000 (Gaussian: its betas in float32, ours in float64). A
+# few ulps of t per step, carried through the steps of a random network: measured 1.2e-7 (Euler,
+# guided), 1.3e-6 (text, through the VAE), 2.3e-6 (DDPM), 8e-7 (DDIM), 0 (the authors' grid).
+# A wrong sign, time or guidance is off by more than 1e-3.
 TOLERANCE = 2e-5
 
 
@@ -161,6 +162,7 @@ def test_a_named_vae_is_loaded_and_stays_a_name(class_export, tmp_path):
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert index["vae"] == [None, None] and index["vae_repo"] == str(vae)
     assert not (tmp_path / "saved" / "vae").exists()
+    assert USMPipeline.from_pretrained(tmp_path / "saved").vae.config == pipe.vae.config
 
 
 def test_flow_pipeline_samples_what_sample_py_samples(class_export):
