@@ -4,8 +4,10 @@
     model = load_model("best_0200000.pt")          # eval mode; model(x, t, y=None, context=None)
 
     python -m loader convert best_0200000.pt usm-afhq.pt
+    python -m loader export best_0200000.pt usm-afhq      # a diffusers pipeline folder
 
-Three layouts are read (docs/upstream.md#usm-checkpoints and docs/upstream.md#zigma-checkpoints):
+Three layouts are read (docs/upstream.md#usm-checkpoints and docs/upstream.md#zigma-checkpoints),
+and the diffusers pipeline folders `export` writes from any of them (docs/diffusers.md):
 - ours: a train.py checkpoint folder (meta.json records the model) or a .pt with "model_kwargs";
 - the USM authors' release: their `best_<step>.pt` / `last.pt` ({"model", "ema", "opt", "args"},
   args an argparse.Namespace) and their accelerate `save_state` folders (model.safetensors = the
