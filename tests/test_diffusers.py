@@ -18,7 +18,7 @@ from huggingface_hub import RepoUrl, constants
 import loader
 import sample
 import usm_diffusers
-from diffusion import create_diffusion
+from diffusion import RectifiedFlow, create_diffusion
 from encoders import load_text_encoder, load_vae
 from loader import load_checkpoint, load_model
 from models import All_models
@@ -69,16 +69,14 @@ def class_export(tmp_path_factory) -> tuple[Path, Path, dict]:
     return folder / "usm.pt", export(folder / "usm.pt", folder / "pipe"), ema
 
 
-class NoPickle:
+def forbid_unpickling(monkeypatch) -> None:
     """Every way to unpickle, made to fail: what loading an export must never do."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickled while loading an export")
 
-    def __init__(self, monkeypatch):
-        def refuse(*args, **kwargs):
-            raise AssertionError("unpickled while loading an export")
-
-        for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"),
-                             (pickle, "Unpickler")):
-            monkeypatch.setattr(module, name, refuse)
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -86,7 +84,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def euler(steps: int) -> object:
+def euler(steps: int) -> RectifiedFlow:
     return flow_sampler(sample.parse_args(["--ckpt", "x", "--num-sampling-steps", str(steps)]))[0]
 
 
@@ -103,7 +101,7 @@ def test_export_reloads_exactly_without_pickle_and_exports_byte_identical(
     assert index["_class_name"] == [PIPELINE_MODULE, "USMPipeline"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 
-    NoPickle(monkeypatch)
+    forbid_unpickling(monkeypatch)
     # export -> load -> export, and a loaded pipeline saved: the same bytes
     assert files_of(export(out, tmp_path / "again")) == files
     USMPipeline.from_pretrained(out).save_pretrained(tmp_path / "saved")
@@ -218,7 +216,7 @@ def test_text_and_latent_model_round_trips_with_its_encoders(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="pass --include-vae"):  # a local VAE cannot be named
         loader.main(["export", str(tmp_path / "usm.pt"), str(tmp_path / "ref")])
 
-    NoPickle(monkeypatch)
+    forbid_unpickling(monkeypatch)
     meta, _ = load_checkpoint(out)
     assert meta["args"]["vae"] == str(out / "vae") and meta["args"]["text_encoder"] == str(out)
     ours = ImageSampler(load_model(out), euler(3), load_vae(str(out / "vae"), "cpu"),
@@ -270,5 +268,7 @@ def test_hub_repository_of_a_pipeline_folder_reads_offline(class_export, tmp_pat
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     snapshot = cache / "models--owner--usm-pipe" / "snapshots" / ("c" * 40)
     assert sample.resolve_checkpoint("hf://owner/usm-pipe") == snapshot
-    state = load_model("hf://owner/usm-pipe").state_dict()
-    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    for net in (load_model("hf://owner/usm-pipe"),
+                USMPipeline.from_pretrained("owner/usm-pipe").transformer.net):
+        state = net.state_dict()
+        assert all(torch.equal(state[k], ema[k]) for k in ema)
