@@ -4,6 +4,8 @@ trained here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel
@@ -66,7 +68,10 @@ class TextEncoder:
 
 
 def load_text_encoder(spec: str, device: torch.device | str) -> TextEncoder:
-    """A hub id such as openai/clip-vit-large-patch14, or a folder with a saved CLIP text model and
-    its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    return TextEncoder(tokenizer, CLIPTextModel.from_pretrained(spec).to(device))
+    """A hub id such as openai/clip-vit-large-patch14, a folder with a saved CLIP text model and
+    its tokenizer, or a diffusers pipeline folder (model_index.json) holding them in its
+    text_encoder/ and tokenizer/ subfolders."""
+    pipeline = (Path(spec) / "model_index.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(spec, subfolder="tokenizer" if pipeline else "")
+    model = CLIPTextModel.from_pretrained(spec, subfolder="text_encoder" if pipeline else "")
+    return TextEncoder(tokenizer, model.to(device))

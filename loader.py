@@ -4,8 +4,10 @@
     model = load_model("best_0200000.pt")          # eval mode; model(x, t, y=None, context=None)
 
     python -m loader convert best_0200000.pt usm-afhq.pt
+    python -m loader export best_0200000.pt usm-afhq      # a diffusers pipeline folder
 
-Three layouts are read (docs/upstream.md#usm-checkpoints and docs/upstream.md#zigma-checkpoints):
+Three layouts are read (docs/upstream.md#usm-checkpoints and docs/upstream.md#zigma-checkpoints),
+and the diffusers pipeline folders `export` writes from any of them (docs/diffusers.md):
 - ours: a train.py checkpoint folder (meta.json records the model) or a .pt with "model_kwargs";
 - the USM authors' release: their `best_<step>.pt` / `last.pt` ({"model", "ema", "opt", "args"},
   args an argparse.Namespace) and their accelerate `save_state` folders (model.safetensors = the
@@ -23,6 +25,7 @@ All three take t in [0, 1]: the authors' 1..1000 time is our t * 1000 inside the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -423,6 +426,37 @@ def build_model(name: str, model_kwargs: dict) -> nn.Module:
     raise CheckpointError(f"unknown model {name!r}; known: {', '.join(All_models)}")
 
 
+# A diffusers pipeline folder (usm_diffusers.export): its index, and the transformer's config and
+# EMA weights, our state dict under the model class's `net` attribute.
+PIPELINE_INDEX = "model_index.json"
+TRANSFORMER_CONFIG = "transformer/config.json"
+TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+TRANSFORMER_PREFIX = "net."
+
+
+def _read_pipeline(path: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, state dict) of an exported pipeline folder, read as JSON and safetensors (never a
+    pickle). The included VAE / text encoder, if any, replaces the recorded one in meta["args"]:
+    sample.py loads it."""
+    if weights != "ema":
+        raise KeyError(f"{path} has no 'model' weights, only 'ema' (a pipeline folder)")
+    try:
+        config = json.loads((path / TRANSFORMER_CONFIG).read_text())
+        # "training" as recorded, for an export of the export
+        meta = {**config["training"], "model": config["model"],
+                "model_kwargs": config["model_kwargs"], "training": config["training"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a pipeline folder of usm_diffusers.export: "
+                              f"{path / TRANSFORMER_CONFIG} unreadable ({err!r})") from err
+    args = meta["args"] = dict(meta.get("args", {}))
+    if (path / "vae" / "config.json").is_file():
+        args["vae"] = str(path / "vae")
+    if (path / "text_encoder" / "config.json").is_file():  # encoders.load_text_encoder reads it
+        args["text_encoder"] = str(path)
+    state = _load_safetensors(path / TRANSFORMER_WEIGHTS)
+    return meta, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()}
+
+
 # What train.py's checkpoint folders hold (accelerate's save_state names;
 # docs/cluster.md#checkpoints):
 # the EMA is the first object registered for checkpointing. The authors' save_state folders
@@ -478,6 +512,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint {path} not found: give a .pt file or a checkpoint "
                                 "folder, e.g. results/000-USM-B-1/checkpoints/step-0010000")
+    if (path / PIPELINE_INDEX).is_file():
+        return _read_pipeline(path, weights)
     if path.is_dir():
         raw = read_meta(path) if (path / META_FILE).exists() else {}
         state = _read_folder(path, weights)
@@ -487,7 +523,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     args = _plain(raw.get("args"))
     layout = layout_of(state)
     if layout == OURS:
-        meta = {key: raw[key] for key in ("model", "step", "args", "model_kwargs") if key in raw}
+        meta = {key: raw[key] for key in ("model", "step", "args", "model_kwargs", "fid")
+                if key in raw}
         if "model" not in meta and "model" in args:  # DiT-style .pt files name it in args
             meta["model"] = args["model"]
         if isinstance(meta.get("args"), argparse.Namespace):
@@ -537,15 +574,33 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert a USM / Zigma checkpoint (ours, the USM "
-                                "authors', CompVis') into one of ours.")
+                                "authors', CompVis') into one of ours, or export it as a "
+                                "diffusers pipeline folder.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="write <src> as our .pt checkpoint <dst>")
     c.add_argument("src")
     c.add_argument("dst")
+    e = sub.add_parser("export", help="write <src> as a diffusers pipeline folder <dst> "
+                       "(docs/diffusers.md)")
+    e.add_argument("src")
+    e.add_argument("dst")
+    e.add_argument("--include-vae", action="store_true",
+                   help="copy the VAE into <dst>/vae (default: name its Hub repository)")
+    e.add_argument("--include-text-encoder", action="store_true",
+                   help="copy the CLIP text encoder and tokenizer into <dst> (default: name its "
+                        "Hub repository)")
+    e.add_argument("--license", default="other",
+                   help="the model card's license (a Hub license id; default: other)")
     args = p.parse_args(argv)
     try:
-        dst = convert(args.src, args.dst)
-    except (CheckpointError, FileNotFoundError) as err:
+        if args.command == "export":
+            from usm_diffusers import export  # imports diffusers: only for this command
+
+            dst = export(args.src, args.dst, args.include_vae, args.include_text_encoder,
+                         args.license)
+        else:
+            dst = convert(args.src, args.dst)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"loader.py: error: {err}")
     meta, _ = load_checkpoint(dst)
     print(f"Wrote {dst}: {meta['model']} {meta['model_kwargs']}")

@@ -5,12 +5,12 @@ role of DiT's sample_ddp.py).
       --learn_pos_emb --use_convtranspose --ckpt <ckpt-path> --num_samples 1000 --skip_conn
 
 --ckpt is a checkpoint folder (<experiment>/checkpoints/step-0010000 or best), an experiment folder
-(its newest checkpoint that verifies), a .pt file, or a file on the Hugging Face Hub,
-hf://<owner>/<repo>[@<revision>]/<file> (fetched into the Hub cache; HF_HUB_OFFLINE=1 reads it from
-there). The model is rebuilt from what the checkpoint records (meta.json); the model options above
-may be left out, and when given they must agree with it. A damaged checkpoint (checksums in
-meta.json), or a file that holds no checkpoint of these models, is refused by name before any
-encoder loads.
+(its newest checkpoint that verifies), a .pt file, a diffusers pipeline folder (python -m loader
+export), or one on the Hugging Face Hub, hf://<owner>/<repo>[@<revision>][/<file>] (fetched into the
+Hub cache; HF_HUB_OFFLINE=1 reads it from there). The model is rebuilt from what the checkpoint
+records (meta.json); the model options above may be left out, and when given they must agree with
+it. A damaged checkpoint (checksums in meta.json), or a file that holds no checkpoint of these
+models, is refused by name before any encoder loads.
 
 Output: <sample-dir>/000000.png, 000001.png, ... and <sample-dir>.npz, whose arr_0 is the uint8
 (N, H, W, 3) array the ADM / DiT evaluation suite reads. Grayscale samples are stored there with
@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Checkpoint
     add_option(p, "ckpt", required=True,
                help="checkpoint folder (.../checkpoints/step-XXXXXXX or best), experiment folder "
-                    "(its latest checkpoint), .pt file, or a file on the Hugging Face Hub: "
-                    "hf://<owner>/<repo>[@<revision>]/<path>")
+                    "(its latest checkpoint), .pt file, diffusers pipeline folder, or one on the "
+                    "Hugging Face Hub: hf://<owner>/<repo>[@<revision>][/<path>]")
     add_option(p, "weights", choices=["ema", "model"], default="ema",
                help="ema: the EMA weights (a checkpoint without them gives its model weights)")
     # The model and its encoders: default from the checkpoint; given, checked against it (the

@@ -51,7 +51,8 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_names_that_are_not_hub_files():
-    for bad in ("hf://owner/usm", "hf://owner", "hf://buckets/owner/b/x.pt", "hf://o/r@/x.pt"):
+    for bad in ("hf://datasets/owner/usm", "hf://owner", "hf://buckets/owner/b/x.pt",
+                "hf://o/r@/x.pt"):
         with pytest.raises(ValueError, match=bad):
             local_checkpoint(bad)
     assert local_checkpoint("results/x.pt") == Path("results/x.pt")  # local names pass through
@@ -90,7 +91,7 @@ def test_a_file_missing_offline_names_the_cache_and_how_to_fetch_it(hub_cache):
         with pytest.raises(SystemExit, match=f"--ckpt {name} is not in the Hugging Face cache"):
             sample.resolve_checkpoint(name)
     with pytest.raises(SystemExit, match="does not name a file in a Hub repository"):
-        download.main(["checkpoint", "hf://owner/usm"])
+        download.main(["checkpoint", "hf://datasets/owner/usm"])
 
 
 def test_environment_variables_point_a_fresh_process_at_the_cache(tmp_path):
