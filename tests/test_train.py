@@ -170,12 +170,30 @@ def test_loss_falls_on_a_learnable_data_set(tmp_path):
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], losses
 
 
-def test_latent_space_from_a_latent_cache(tmp_path):
+def test_latent_space_from_a_latent_cache(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=2, size=64)
     vae = save_tiny_vae(tmp_path / "vae")
+    views = []  # (cached pairs, what the objective is given) of every step
+    model_inputs = train.model_inputs
+
+    def watch(x, *args):
+        inputs = model_inputs(x, *args)
+        views.append((x, inputs[0]))
+        return inputs
+
+    monkeypatch.setattr(train, "model_inputs", watch)
     exp = run(data, tmp_path / "r", "--vae", str(vae), "--image-size", "64", "--cache-latents",
               "--objective", "gaussian")
-    assert len(list((tmp_path / "r" / "latent-cache").glob("latents-*.npy"))) == 1
+    caches = list((tmp_path / "r" / "latent-cache").glob("latents-*.npy"))
+    assert len(caches) == 1
+    # Every step trains on the cache, each latent as its image's or its mirror image's at random
+    cached = {pair.tobytes() for pair in np.load(caches[0])}
+    mirrored = []
+    for pairs, x in views:
+        assert {pair.numpy().tobytes() for pair in pairs} <= cached
+        assert ((x == pairs[:, 0]) | (x == pairs[:, 1])).flatten(1).all(1).all()
+        mirrored += (x == pairs[:, 1]).flatten(1).all(1).tolist()
+    assert len(views) == 2 and any(mirrored) and not all(mirrored)
     meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
     kwargs = meta["model_kwargs"]
     assert (kwargs["in_channels"], kwargs["input_size"], kwargs["learn_sigma"]) == (4, 8, True)

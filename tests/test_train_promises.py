@@ -1,0 +1,195 @@
+"""What train.py promises about a training step and its evaluations, observed where the loop keeps
+it: one tiny in-process run (4 steps, 2 epochs of 8 images) shared by the tests, with spies on what
+the objective, the model and the optimizer receive. Each test fails when the loop stops calling
+its helper (tests/test_data.py and test_diffusion.py test the helpers themselves): a flip, label
+dropout, the --sampling option, the schedule over --epochs, the learnable positional embedding,
+grids and FID from the EMA on the sampler's grid, and FID's noise seeds and image count."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import train
+from diffusion import RectifiedFlow
+from tests.fixtures import make_image_folder
+from tests.test_train import run
+from tests.test_train_options import initial_weights
+
+# 8 train images, batch 4: 2 steps an epoch, so --epochs 2 ends the run at step 4 (not at
+# --max-steps 100). Warm-up over 1 step, then cosine decay to 0 at step 4.
+OPTIONS = ["--num-classes", "2", "--cond-drop-prob", "0.5", "--sampling", "uniform",
+           "--learn-pos-emb", "--lr", "0.01", "--warmup-steps", "1", "--lr-schedule", "cosine",
+           "--epochs", "2", "--max-steps", "100", "--num-sampling-steps", "3",
+           "--sample-every", "4"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), per_class=4, size=8)
+
+
+@pytest.fixture(scope="module")
+def observed(data, tmp_path_factory) -> SimpleNamespace:
+    """One run of train.main with OPTIONS, and what its steps and its final grid handed on."""
+    seen = SimpleNamespace(batches=[], objective_inputs=[], times=[], forwards=[], lrs=[])
+    build, copy = train.build_model, train.deepcopy
+    model_inputs, training_losses = train.model_inputs, RectifiedFlow.training_losses
+    sample_timesteps = RectifiedFlow.sample_timesteps
+
+    def watch_model_inputs(x, cond, *args):  # the batch as the loader gave it
+        seen.batches.append((x.clone(), cond.clone()))
+        return model_inputs(x, cond, *args)
+
+    def watch_training_losses(self, model, x, model_kwargs=None, noise=None):
+        seen.objective_inputs.append((x.clone(), dict(model_kwargs or {})))
+        return training_losses(self, model, x, model_kwargs, noise)
+
+    def watch_sample_timesteps(self, batch_size, device):
+        t = sample_timesteps(self, batch_size, device)
+        seen.times.append((self.sampling, t.clone()))
+        return t
+
+    def build_and_watch(*args, **kwargs):  # every forward: (module, training mode, grad on, t)
+        model, model_kwargs = build(*args, **kwargs)
+        seen.model = model
+        model.register_forward_pre_hook(
+            lambda m, a: seen.forwards.append((m, m.training, torch.is_grad_enabled(),
+                                               a[1].clone())))
+        return model, model_kwargs
+
+    def copy_and_watch(module):  # setup's one deepcopy is the EMA (it carries the hook along)
+        seen.ema = copy(module)
+        return seen.ema
+
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, a, kw: seen.lrs.append(optimizer.param_groups[0]["lr"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "model_inputs", watch_model_inputs)
+        mp.setattr(RectifiedFlow, "training_losses", watch_training_losses)
+        mp.setattr(RectifiedFlow, "sample_timesteps", watch_sample_timesteps)
+        mp.setattr(train, "build_model", build_and_watch)
+        mp.setattr(train, "deepcopy", copy_and_watch)
+        try:
+            seen.exp = run(data, tmp_path_factory.mktemp("results"), *OPTIONS)
+        finally:
+            handle.remove()
+    return seen
+
+
+def test_each_step_trains_on_images_flipped_at_random_one_by_one(observed):
+    assert len(observed.batches) == len(observed.objective_inputs) == STEPS
+    flips = []
+    for (images, _), (x, _) in zip(observed.batches, observed.objective_inputs, strict=True):
+        same = (x == images).flatten(1).all(1)
+        mirrored = (x == images.flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).all()  # every image trained on as it is or as its mirror image
+        flips.append(mirrored)
+    flips = torch.stack(flips)
+    assert flips.any() and not flips.all()
+    assert any(0 < row.sum() < len(row) for row in flips)  # drawn per image, not per batch
+
+
+def test_labels_drop_to_the_null_class_at_the_cond_drop_prob(observed):
+    dropped = []
+    for (_, labels), (_, kwargs) in zip(observed.batches, observed.objective_inputs, strict=True):
+        y = kwargs["y"]
+        kept = y != 2  # 2 classes: the null class is 2
+        assert torch.equal(y[kept], labels[kept]) and (y[~kept] == 2).all()
+        dropped.append(~kept)
+    dropped = torch.cat(dropped)  # --cond-drop-prob 0.5 over 16 labels: some dropped, not all
+    assert 0 < dropped.sum() < len(dropped)
+
+
+def test_training_times_come_from_the_sampling_option_unscaled(observed):
+    training = [t for m, mode, grad, t in observed.forwards if grad]
+    assert len(observed.times) == len(training) == STEPS
+    for (sampling, drawn), t in zip(observed.times, training, strict=True):
+        assert sampling == "uniform"  # --sampling uniform, not the default log
+        assert torch.equal(t, drawn) and 0 <= t.min() and t.max() <= 1  # [0, 1], not 0..1000
+    assert train.parse_args(["--data-path", "d"]).sampling == "log"  # the paper's default
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_epoch(observed):
+    # Closed form: 0.01 x step / 1 during warm-up, then 0.01 x (1 + cos(pi (step - 1) / 3)) / 2,
+    # ending at 0 at step 4, the end of --epochs 2 (not of --max-steps 100).
+    assert observed.lrs == pytest.approx([0.01, 0.0075, 0.0025, 0.0])
+
+
+def test_learn_pos_emb_trains_a_positional_embedding_that_starts_at_zero(observed, data):
+    w0 = initial_weights(data)  # TINY's model without --learn-pos-emb: the fixed sin-cos table
+    assert w0["pos_embed"].abs().sum() > 0
+    model = observed.model
+    assert "pos_embed" in dict(model.named_parameters())
+    folder = observed.exp / "checkpoints" / f"step-{STEPS:07d}"
+    meta = train.read_meta(folder)
+    assert meta["model_kwargs"]["learn_pos_emb"] is True
+    trained = load_file(folder / "model.safetensors")["pos_embed"]
+    assert trained.shape == w0["pos_embed"].shape and trained.abs().min() > 0  # every entry moved
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)["pos_embed"]
+    assert not torch.equal(ema, trained) and ema.abs().sum() > 0
+
+
+def test_grids_sample_the_ema_on_the_samplers_time_grid(observed):
+    training = [(m, mode) for m, mode, grad, t in observed.forwards if grad]
+    sampling = [(m, mode, t) for m, mode, grad, t in observed.forwards if not grad]
+    assert all(m is observed.model and mode for m, mode in training)
+    assert all(m is observed.ema and not mode for m, mode, t in sampling)
+    # The final grid: 2 class rows of 8, --num-sampling-steps 3 Euler steps from t = 0
+    times = [t.tolist() for m, mode, t in sampling]
+    assert times == [pytest.approx([i / 3] * 16) for i in range(3)]
+    assert (observed.exp / "samples" / f"step-{STEPS:07d}.png").is_file()
+
+
+class RecordingSampler:
+    """Stands in for ImageSampler in compute_fid: records (conditions, seed), returns noise."""
+
+    def __init__(self):
+        self.calls, self.nfe = [], []
+
+    def __call__(self, conditions, seed: int) -> torch.Tensor:
+        self.calls.append((conditions.clone(), seed))
+        return torch.rand(len(conditions), 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("processes, batch_size, fid_images", [(1, 2, 3), (2, 1, 4)])
+def test_fid_counts_images_and_gives_every_batch_and_process_its_own_seed(
+        data, processes, batch_size, fid_images):
+    """compute_fid, the loop's FID, run as each process of a `processes`-process run would run it
+    (its shard; gather_object is the identity in this one process)."""
+    val, _ = train.build_dataset(data, "val", 8, 3)  # 4 images: 2 of each class
+    args = train.parse_args(["--data-path", str(data), "--batch-size", str(batch_size),
+                             "--num-classes", "2", "--global-seed", "7"])
+    seen = []  # every image Inception was given: the reference images and the samples
+    samplers = [RecordingSampler() for _ in range(processes)]
+
+    def inception(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images)
+        return images.float().flatten(1)[:, :4]
+
+    for rank, generate in enumerate(samplers):
+        accelerator = SimpleNamespace(process_index=rank, num_processes=processes,
+                                      device=torch.device("cpu"))
+        fid, _ = train.compute_fid(accelerator, generate, val, fid_images, args, inception, None)
+        assert np.isfinite(fid)
+    calls = [call for generate in samplers for call in generate.calls]
+    # --fid-images counts images: that many samples and reference images, not batches of them
+    assert sum(len(conditions) for conditions, _ in calls) == fid_images
+    assert sum(map(len, seen)) == 2 * fid_images
+    # Every batch of every process has its own noise seed, none of them the grids' (7)
+    seeds = [seed for _, seed in calls]
+    assert len(set(seeds)) == len(seeds) > 1 and args.global_seed not in seeds
+    # Each sample takes the label of a reference image (a fixed subset of the val split, dealt
+    # out to the processes in turn)
+    subset = train.fid_subset(len(val), fid_images, args.global_seed)
+    for rank, generate in enumerate(samplers):
+        labels = [label for conditions, _ in generate.calls for label in conditions.tolist()]
+        assert labels == [val.samples[i][1] for i in subset[rank::processes]]
