@@ -3,7 +3,8 @@ it: one tiny in-process run (4 steps, 2 epochs of 8 images) shared by the tests,
 the objective, the model and the optimizer receive. Each test fails when the loop stops calling
 its helper (tests/test_data.py and test_diffusion.py test the helpers themselves): a flip, label
 dropout, the --sampling option, the schedule over --epochs, the learnable positional embedding,
-grids and FID from the EMA on the sampler's grid, and FID's noise seeds and image count."""
+grids from the EMA on the sampler's grid; FID's reference images, noise seeds and image count
+(compute_fid as each process runs it); the VAE's latent scale in training, grids and sample.py."""
 
 import os
 from pathlib import Path
@@ -14,12 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import sample
 import train
 from diffusion import RectifiedFlow
-from tests.fixtures import make_image_folder
+from encoders import load_vae
+from sampling import to_uint8
+from tests.fixtures import make_image_folder, save_tiny_vae
 from tests.test_train import run
 from tests.test_train_options import initial_weights
 
@@ -168,28 +173,73 @@ def test_fid_counts_images_and_gives_every_batch_and_process_its_own_seed(
     val, _ = train.build_dataset(data, "val", 8, 3)  # 4 images: 2 of each class
     args = train.parse_args(["--data-path", str(data), "--batch-size", str(batch_size),
                              "--num-classes", "2", "--global-seed", "7"])
-    seen = []  # every image Inception was given: the reference images and the samples
+    subset = train.fid_subset(len(val), fid_images, args.global_seed)
     samplers = [RecordingSampler() for _ in range(processes)]
-
-    def inception(images: torch.Tensor) -> torch.Tensor:
-        seen.append(images)
-        return images.float().flatten(1)[:, :4]
-
     for rank, generate in enumerate(samplers):
+        seen = []  # every batch Inception is given: reference images and samples, in turn
+
+        def inception(images: torch.Tensor, seen=seen) -> torch.Tensor:
+            seen.append(images)
+            return images.float().flatten(1)[:, :4]
+
         accelerator = SimpleNamespace(process_index=rank, num_processes=processes,
                                       device=torch.device("cpu"))
         fid, _ = train.compute_fid(accelerator, generate, val, fid_images, args, inception, None)
         assert np.isfinite(fid)
+        # The reference images: this process's share of the subset (dealt out in turn), as they
+        # are (not flipped); each sample takes the label of one of them
+        share = subset[rank::processes]
+        assert torch.equal(torch.cat(seen[0::2]), to_uint8(torch.stack([val[i][0] for i in share])))
+        labels = [label for conditions, _ in generate.calls for label in conditions.tolist()]
+        assert labels == [val.samples[i][1] for i in share]
     calls = [call for generate in samplers for call in generate.calls]
-    # --fid-images counts images: that many samples and reference images, not batches of them
+    # --fid-images counts images: that many samples (and reference images), not batches of them
     assert sum(len(conditions) for conditions, _ in calls) == fid_images
-    assert sum(map(len, seen)) == 2 * fid_images
     # Every batch of every process has its own noise seed, none of them the grids' (7)
     seeds = [seed for _, seed in calls]
     assert len(set(seeds)) == len(seeds) > 1 and args.global_seed not in seeds
-    # Each sample takes the label of a reference image (a fixed subset of the val split, dealt
-    # out to the processes in turn)
-    subset = train.fid_subset(len(val), fid_images, args.global_seed)
-    for rank, generate in enumerate(samplers):
-        labels = [label for conditions, _ in generate.calls for label in conditions.tolist()]
-        assert labels == [val.samples[i][1] for i in subset[rank::processes]]
+
+
+def test_latents_are_scaled_by_sd_factor_in_training_grids_and_sample_py(tmp_path, monkeypatch):
+    """Stable Diffusion's latent scale 0.18215 (written here, not read from encoders.py): the
+    objective gets the VAE's latents times it, and the VAE decodes the sampler's output divided
+    by it, in train.py's grids and in sample.py. The tiny VAE's posterior is made (nearly)
+    deterministic so that its latents can be recomputed."""
+    vae = load_vae(str(save_tiny_vae(tmp_path / "random-vae")), "cpu")
+    with torch.no_grad():  # log-variance -30: the posterior's spread is e^-15
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30
+    vae.save_pretrained(tmp_path / "vae")
+    latents = []  # (images the loader gave, latents the objective got)
+    decoded, sampled = [], []  # what the VAE decoded, what the sampler returned
+    model_inputs, decode, sample_fn = train.model_inputs, AutoencoderKL.decode, RectifiedFlow.sample
+
+    def watch_inputs(x, *args):
+        inputs = model_inputs(x, *args)
+        latents.append((x, inputs[0]))
+        return inputs
+
+    def watch_sample(self, *args, **kwargs):
+        sampled.append(sample_fn(self, *args, **kwargs))
+        return sampled[-1]
+
+    def watch_decode(self, z, *args, **kwargs):
+        decoded.append(z)
+        return decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(train, "model_inputs", watch_inputs)
+    monkeypatch.setattr(RectifiedFlow, "sample", watch_sample)
+    monkeypatch.setattr(AutoencoderKL, "decode", watch_decode)
+    data = make_image_folder(tmp_path / "data", per_class=2, size=64)
+    exp = run(data, tmp_path / "r", "--vae", str(tmp_path / "vae"), "--image-size", "64",
+              "--max-steps", "1", "--num-sampling-steps", "2")
+    (images, z), = latents
+    with torch.no_grad():
+        views = [vae.encode(x).latent_dist.mean * 0.18215 for x in (images, images.flip(-1))]
+    close = [(z - view).flatten(1).abs().amax(1) < 1e-4 for view in views]
+    assert (close[0] | close[1]).all()  # each image's latents, or its mirror image's
+    sample.main(sample.parse_args(["--ckpt", str(exp), "--sample-dir", str(tmp_path / "s"),
+                                   "--num-samples", "2", "--num-sampling-steps", "2"]))
+    assert len(decoded) == len(sampled) == 2  # train.py's grid, then sample.py's batch
+    for z, x in zip(decoded, sampled, strict=True):
+        torch.testing.assert_close(z, x / 0.18215)
