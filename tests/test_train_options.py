@@ -171,6 +171,7 @@ def test_has_text_trains_on_one_caption_per_image_or_the_empty_one(tmp_path, mon
     assert any(len({j for _, j in batch}) > 1 for batch in kept), picked
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_at_the_same_global_batch(images, tmp_path, monkeypatch):
     """With the training draws made functions of the images (tests/deterministic_train.py), 2
     processes x batch 2 see the same 4 images per step as 1 process x batch 4, and averaging their
