@@ -2,9 +2,10 @@
 it: one tiny in-process run (4 steps, 2 epochs of 8 images) shared by the tests, with spies on what
 the objective, the model and the optimizer receive. Each test fails when the loop stops calling
 its helper (tests/test_data.py and test_diffusion.py test the helpers themselves): a flip, label
-dropout, the --sampling option, the schedule over --epochs, the learnable positional embedding,
-grids from the EMA on the sampler's grid; FID's reference images, noise seeds and image count
-(compute_fid as each process runs it); the VAE's latent scale in training, grids and sample.py."""
+dropout, the --sampling option, the schedule over --epochs, --weight-decay, the learnable
+positional embedding, guided grids from the EMA on the sampler's grid; FID's reference images,
+noise seeds and image count (compute_fid as each process runs it); the VAE's latent scale in
+training, grids and sample.py."""
 
 import os
 from pathlib import Path
@@ -23,17 +24,18 @@ import sample
 import train
 from diffusion import RectifiedFlow
 from encoders import load_vae
-from sampling import to_uint8
+from sampling import ImageSampler, to_uint8
 from tests.fixtures import make_image_folder, save_tiny_vae
 from tests.test_train import run
 from tests.test_train_options import initial_weights
 
 # 8 train images, batch 4: 2 steps an epoch, so --epochs 2 ends the run at step 4 (not at
-# --max-steps 100). Warm-up over 1 step, then cosine decay to 0 at step 4.
+# --max-steps 100). Warm-up over 1 step, then cosine decay to 0 at step 4. One guided sample grid
+# at the end.
 OPTIONS = ["--num-classes", "2", "--cond-drop-prob", "0.5", "--sampling", "uniform",
            "--learn-pos-emb", "--lr", "0.01", "--warmup-steps", "1", "--lr-schedule", "cosine",
            "--epochs", "2", "--max-steps", "100", "--num-sampling-steps", "3",
-           "--sample-every", "4"]
+           "--sample-every", "4", "--cfg-scale", "2", "--weight-decay", "0.05"]
 STEPS = 4
 
 
@@ -45,10 +47,11 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def observed(data, tmp_path_factory) -> SimpleNamespace:
     """One run of train.main with OPTIONS, and what its steps and its final grid handed on."""
-    seen = SimpleNamespace(batches=[], objective_inputs=[], times=[], forwards=[], lrs=[])
+    seen = SimpleNamespace(batches=[], objective_inputs=[], times=[], forwards=[], lrs=[],
+                           grids=[])
     build, copy = train.build_model, train.deepcopy
     model_inputs, training_losses = train.model_inputs, RectifiedFlow.training_losses
-    sample_timesteps = RectifiedFlow.sample_timesteps
+    sample_timesteps, draw = RectifiedFlow.sample_timesteps, ImageSampler.__call__
 
     def watch_model_inputs(x, cond, *args):  # the batch as the loader gave it
         seen.batches.append((x.clone(), cond.clone()))
@@ -63,13 +66,18 @@ def observed(data, tmp_path_factory) -> SimpleNamespace:
         seen.times.append((self.sampling, t.clone()))
         return t
 
-    def build_and_watch(*args, **kwargs):  # every forward: (module, training mode, grad on, t)
-        model, model_kwargs = build(*args, **kwargs)
+    def build_and_watch(*args, **kwargs):  # every forward: (module, training mode, grad on, t,
+        model, model_kwargs = build(*args, **kwargs)  # labels, output)
         seen.model = model
-        model.register_forward_pre_hook(
-            lambda m, a: seen.forwards.append((m, m.training, torch.is_grad_enabled(),
-                                               a[1].clone())))
+        model.register_forward_hook(
+            lambda m, a, kw, out: seen.forwards.append(
+                (m, m.training, torch.is_grad_enabled(), a[1].clone(), kw["y"], out.detach())),
+            with_kwargs=True)
         return model, model_kwargs
+
+    def draw_and_watch(self, conditions, seed):  # the grids: (conditions, seed, images)
+        seen.grids.append((conditions, seed, draw(self, conditions, seed)))
+        return seen.grids[-1][2]
 
     def copy_and_watch(module):  # setup's one deepcopy is the EMA (it carries the hook along)
         seen.ema = copy(module)
@@ -83,6 +91,7 @@ def observed(data, tmp_path_factory) -> SimpleNamespace:
         mp.setattr(RectifiedFlow, "sample_timesteps", watch_sample_timesteps)
         mp.setattr(train, "build_model", build_and_watch)
         mp.setattr(train, "deepcopy", copy_and_watch)
+        mp.setattr(ImageSampler, "__call__", draw_and_watch)
         try:
             seen.exp = run(data, tmp_path_factory.mktemp("results"), *OPTIONS)
         finally:
@@ -115,7 +124,7 @@ def test_labels_drop_to_the_null_class_at_the_cond_drop_prob(observed):
 
 
 def test_training_times_come_from_the_sampling_option_unscaled(observed):
-    training = [t for m, mode, grad, t in observed.forwards if grad]
+    training = [t for m, mode, grad, t, y, out in observed.forwards if grad]
     assert len(observed.times) == len(training) == STEPS
     for (sampling, drawn), t in zip(observed.times, training, strict=True):
         assert sampling == "uniform"  # --sampling uniform, not the default log
@@ -143,15 +152,32 @@ def test_learn_pos_emb_trains_a_positional_embedding_that_starts_at_zero(observe
     assert not torch.equal(ema, trained) and ema.abs().sum() > 0
 
 
-def test_grids_sample_the_ema_on_the_samplers_time_grid(observed):
-    training = [(m, mode) for m, mode, grad, t in observed.forwards if grad]
-    sampling = [(m, mode, t) for m, mode, grad, t in observed.forwards if not grad]
+def test_grids_sample_the_ema_with_guidance_on_the_samplers_time_grid(observed):
+    training = [(m, mode) for m, mode, grad, t, y, out in observed.forwards if grad]
+    sampling = [(m, mode, t, y, out) for m, mode, grad, t, y, out in observed.forwards if not grad]
     assert all(m is observed.model and mode for m, mode in training)
-    assert all(m is observed.ema and not mode for m, mode, t in sampling)
-    # The final grid: 2 class rows of 8, --num-sampling-steps 3 Euler steps from t = 0
-    times = [t.tolist() for m, mode, t in sampling]
-    assert times == [pytest.approx([i / 3] * 16) for i in range(3)]
+    assert all(m is observed.ema and not mode for m, mode, *_ in sampling)
+    # The final grid: 2 class rows of 8 from the --global-seed's noise, 3 Euler steps from t = 0
+    # (--num-sampling-steps), each on the doubled batch of guidance: the labels, then the null
+    # class 2, mixed as uncond + 2 (cond - uncond) (--cfg-scale 2)
+    (labels, seed, images), = observed.grids
+    assert seed == 0 and labels.tolist() == [0] * 8 + [1] * 8
+    assert [t.tolist() for *_, t, y, out in sampling] == [
+        pytest.approx([i / 3] * 32) for i in range(3)]
+    assert all(torch.equal(y, torch.cat([labels, torch.full((16,), 2)]))
+               for *_, y, out in sampling)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    for *_, out in sampling:
+        cond, uncond = out.chunk(2)
+        x = x + (uncond + 2 * (cond - uncond)) / 3
+    torch.testing.assert_close(images, x.clamp(-1, 1))
     assert (observed.exp / "samples" / f"step-{STEPS:07d}.png").is_file()
+
+
+def test_adamw_decays_the_weights_by_the_weight_decay_option(observed):
+    folder = observed.exp / "checkpoints" / f"step-{STEPS:07d}"
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    assert [group["weight_decay"] for group in optimizer["param_groups"]] == [0.05]
 
 
 class RecordingSampler:
