@@ -269,3 +269,20 @@ def test_latents_are_scaled_by_sd_factor_in_training_grids_and_sample_py(tmp_pat
     assert len(decoded) == len(sampled) == 2  # train.py's grid, then sample.py's batch
     for z, x in zip(decoded, sampled, strict=True):
         torch.testing.assert_close(z, x / 0.18215)
+
+
+def test_the_authors_samples_option_counts_batches_of_the_batch_size_per_process(data, tmp_path,
+                                                                                monkeypatch):
+    counts = []  # the number of images each FID is asked for
+
+    def scripted_fid(accelerator, generate, reference_set, fid_images, *args):
+        counts.append(fid_images)
+        return 1.0, None
+
+    monkeypatch.setattr(train, "compute_fid", scripted_fid)
+    monkeypatch.setattr(train, "load_inception", lambda *args: None)
+    monkeypatch.setattr(train, "save_grid", lambda *args: None)
+    fid = ["--fid-every", "1", "--max-steps", "2", "--batch-size", "2"]
+    run(data, tmp_path / "a", *fid, "--samples", "3")  # 3 batches of 2 on 1 process
+    run(data, tmp_path / "b", *fid, "--fid-images", "5")
+    assert counts == [6, 6, 5, 5]
