@@ -66,8 +66,9 @@ def observed(data, tmp_path_factory) -> SimpleNamespace:
         seen.times.append((self.sampling, t.clone()))
         return t
 
-    def build_and_watch(*args, **kwargs):  # every forward: (module, training mode, grad on, t,
-        model, model_kwargs = build(*args, **kwargs)  # labels, output)
+    # Every forward of the model or its EMA: (module, training mode, gradients on, t, y, output)
+    def build_and_watch(*args, **kwargs):
+        model, model_kwargs = build(*args, **kwargs)
         seen.model = model
         model.register_forward_hook(
             lambda m, a, kw, out: seen.forwards.append(
