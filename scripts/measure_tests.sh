@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates tests/results.md, the source of the figures README.md and docs/testing.md quote about the tests: how
-# many tests `bash scripts/test.sh` runs and how long it takes on this machine, and the message a
-# damaged checkpoint of the tiny test model gives (docs/cluster.md#checkpoints).
+# Regenerates tests/results.md, the source of the figures README.md and docs/testing.md quote
+# about the tests: how many tests `bash scripts/test.sh` and `bash scripts/test.sh --fast` run and
+# how long each takes on this machine, and the message a damaged checkpoint of the tiny test model
+# gives (docs/cluster.md#checkpoints).
 # Usage: bash scripts/measure_tests.sh   (on a quiet machine: the times are wall clock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,13 @@ bash scripts/test.sh 2>&1 | tee "$log"
 script_s=$(( SECONDS - start ))
 # pytest's last line, e.g. "404 passed, 3 warnings in 117.07s (0:01:57)"
 summary=$(grep -E "^[0-9]+ passed" "$log" | tail -n 1)
+load=$(cut -d' ' -f1-3 /proc/loadavg)
+
+start=$SECONDS  # second: the environment is set up already, as in an edit loop
+bash scripts/test.sh --fast 2>&1 | tee "$log"
+fast_s=$(( SECONDS - start ))
+fast_summary=$(grep -E "^[0-9]+ passed" "$log" | tail -n 1)
+fast_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 source "${VENV:-.venv}/bin/activate"  # the environment scripts/test.sh set up
 message=$(OMP_NUM_THREADS=1 python - <<'EOF' | tail -n 1
@@ -43,12 +51,15 @@ EOF
 cat > tests/results.md <<EOF
 # Test suite figures
 
-Written by \`bash scripts/measure_tests.sh\` on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPU cores,
-load average $(cut -d' ' -f1-3 /proc/loadavg) at the end; torch $(python -c "import torch; print(torch.__version__)").
+Written by \`bash scripts/measure_tests.sh\` on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPU cores;
+torch $(python -c "import torch; print(torch.__version__)").
 
 - \`bash scripts/test.sh\` (ruff, then pytest with one worker per core): ${script_s} s in all,
-  setup of the virtual environment included.
+  setup of the virtual environment included; load average ${load} at its end.
 - pytest: ${summary}
+- \`bash scripts/test.sh --fast\` (the same without the tests marked \`slow\`), run right after:
+  ${fast_s} s in all; load average ${fast_load} at its end.
+- pytest: ${fast_summary}
 
 The message for a damaged checkpoint (the tiny model of tests/test_train.py, 2 steps, its
 model.safetensors cut to half its size), as \`verify_checkpoint\` gives it:

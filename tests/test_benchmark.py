@@ -149,6 +149,7 @@ def test_training_plan_takes_the_largest_batch_that_fits(monkeypatch) -> None:
     assert [(r["size"], r["batch"]) for r in bench.plan_training(cheap, {})] == [(16, 1)] * 2
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch) -> None:
     # Measured in this process rather than in fresh ones: fast, and memory is tested below.
     monkeypatch.setattr(bench, "isolated", lambda fn, **kwargs: fn(**kwargs))
@@ -207,6 +208,7 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch) -> None
     assert (tmp_path / "scaling_cpu.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_isolated_measurement_sees_weights_gradients_and_adam_states() -> None:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in All_models["USM-S/1"](input_size=8).parameters())

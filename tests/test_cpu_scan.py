@@ -201,6 +201,7 @@ def test_failed_build_falls_back_to_the_torch_scan_and_says_why_once():
         cli.use_scan_backend("cpu", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_builds_once_for_both(tmp_path):
     """Two processes meeting an empty extensions folder at once (two pytest workers, two DDP
     ranks): both get the kernel, from the same build."""

@@ -67,6 +67,7 @@ def test_training_folder_leaves_out_the_held_out_images(tmp_path):
     assert fashion_mnist.training_folder(args) == out  # a rerun finds the links in place
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST_SOURCE.is_dir(), reason="needs dataset-fashion-mnist")
 def test_quick_study_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "MODELS", {"USM-T/4": ("USM-T/4", [])})  # one is enough

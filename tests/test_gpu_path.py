@@ -167,6 +167,7 @@ def test_kernel_report_on_cpu():
         assert result.stdout.count(dispatch.INSTALL_HINT) == 1  # the one command that fixes it
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_without_cuda_and_writes_nothing(tmp_path):
     out = tmp_path / "results" / "gpu.md"
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=REPO,

@@ -97,6 +97,7 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, where: str) -> 
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow
 def test_convert_writes_a_checkpoint_of_ours_without_omegaconf(tmp_path) -> None:
     # `python -m loader convert` on CompVis' file, with omegaconf made unimportable: reading its
     # args must not need it (omegaconf is no requirement of this repository).

@@ -194,6 +194,7 @@ def scontrol(tmp_path, monkeypatch) -> Path:
 SBATCH_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, sig, to, reason", [
     (1, signal.SIGINT, "all", "SIGINT"),
     (2, signal.SIGUSR1, "all", "SIGUSR1"),  # the launcher too, as SLURM signals a job step
@@ -234,6 +235,7 @@ def test_a_signal_stops_every_process_at_one_step_and_the_same_command_resumes_e
     assert_same_state(exp / "checkpoints" / f"step-{STEPS:07d}", straight[processes])
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(images, tmp_path):
     # checks every 1000 steps: only the second Ctrl-C can end this run soon
     run = launch(train_argv(images, tmp_path, "--max-steps", "100000", "--log-every", "1000"), 1)
@@ -252,6 +254,7 @@ def test_a_second_ctrl_c_stops_at_once(images, tmp_path):
 #################################################################################
 
 
+@pytest.mark.slow
 def test_the_time_limit_saves_and_stops_before_it_then_requeues(images, tmp_path, scontrol):
     limit = 12
     start = time.monotonic()
@@ -284,6 +287,7 @@ def limit_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_the_main_process_stops_both_processes_with_its_message(
         images, tmp_path):
     # model.safetensors (about 0.8 MB, the main process's first file) cannot be written; the
@@ -315,6 +319,7 @@ def sample_argv(ckpt: Path, out: Path) -> list[str]:
             "--batch-size", "2", "--num-sampling-steps", "10"]
 
 
+@pytest.mark.slow
 def test_sample_stops_on_sigterm_after_its_batch_and_the_same_command_completes(checkpoint,
                                                                                 tmp_path):
     out = tmp_path / "s"

@@ -150,6 +150,7 @@ def test_class_labels_cycle_through_all_classes_or_the_chosen_ones(experiment, t
     assert np.abs(ones[::2].astype(int) - balanced[::2]).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_grayscale_pngs_keep_one_channel_and_the_npz_has_three(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=("a",), per_class=4, size=8, mode="L")
     exp = train.main(train.parse_args([
@@ -177,6 +178,7 @@ def test_labels_and_noise_follow_the_index():
         assert sorted(sum(shards, [])) == list(range(n))
 
 
+@pytest.mark.slow
 def test_authors_command_line_on_two_processes(experiment, tmp_path):
     # The authors' sampling command as written (model and size adapted to the tiny checkpoint), on
     # two CPU processes: 7 samples, 4 + 3, the same images as one process with another batch size.

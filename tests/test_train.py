@@ -119,6 +119,7 @@ def test_pixel_space_run_writes_checkpoints_samples_and_logs(images, tmp_path):
     assert f"Selective scan backend: {used} (auto: tensors on cpu" in (exp / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(images, features, tmp_path):
     # sampling and FID at step 3 must not shift the random stream either
     # the warm-up spans the interruption: the resumed run must continue the learning-rate ramp
@@ -170,18 +171,37 @@ def test_loss_falls_on_a_learnable_data_set(tmp_path):
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], losses
 
 
-def test_latent_space_from_a_latent_cache(tmp_path):
+def test_latent_space_from_a_latent_cache(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=2, size=64)
     vae = save_tiny_vae(tmp_path / "vae")
+    views = []  # (cached pairs, what the objective is given) of every step
+    model_inputs = train.model_inputs
+
+    def watch(x, *args):
+        inputs = model_inputs(x, *args)
+        views.append((x, inputs[0]))
+        return inputs
+
+    monkeypatch.setattr(train, "model_inputs", watch)
     exp = run(data, tmp_path / "r", "--vae", str(vae), "--image-size", "64", "--cache-latents",
               "--objective", "gaussian")
-    assert len(list((tmp_path / "r" / "latent-cache").glob("latents-*.npy"))) == 1
+    caches = list((tmp_path / "r" / "latent-cache").glob("latents-*.npy"))
+    assert len(caches) == 1
+    # Every step trains on the cache, each latent as its image's or its mirror image's at random
+    cached = {pair.tobytes() for pair in np.load(caches[0])}
+    mirrored = []
+    for pairs, x in views:
+        assert {pair.numpy().tobytes() for pair in pairs} <= cached
+        assert ((x == pairs[:, 0]) | (x == pairs[:, 1])).flatten(1).all(1).all()
+        mirrored += (x == pairs[:, 1]).flatten(1).all(1).tolist()
+    assert len(views) == 2 and any(mirrored) and not all(mirrored)
     meta = json.loads((exp / "checkpoints" / "step-0000002" / "meta.json").read_text())
     kwargs = meta["model_kwargs"]
     assert (kwargs["in_channels"], kwargs["input_size"], kwargs["learn_sigma"]) == (4, 8, True)
     assert Image.open(exp / "samples" / "step-0000002.png").size == (8 * 64 + 18, 2 * 64 + 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["authors", "2014"])
 def test_text_conditional_with_guided_grid_and_fid(features, tmp_path, layout):
     data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=3, size=8, layout=layout)
@@ -333,6 +353,7 @@ def two_processes(images, features, tmp_path_factory) -> Path:
     return results / "000-USM-T-1"
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_with_the_authors_command_line(two_processes):
     # Grid + FID of the EMA on the val split at every --sample-every, a best/ checkpoint,
     # --samples as FID batches, dead flags accepted.
@@ -352,6 +373,7 @@ def test_two_cpu_processes_with_the_authors_command_line(two_processes):
     assert np.isfinite(logged_losses(exp)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 def test_two_machines_equal_two_processes_on_one(images, features, two_processes, tmp_path):
     """Two launchers, machine ranks 0 and 1, one process each, meeting over 127.0.0.1: the

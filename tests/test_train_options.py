@@ -132,7 +132,7 @@ def test_bf16_training_autocasts_the_model_and_keeps_the_scan_in_float32(
     assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=0.05)
 
 
-def test_has_text_trains_on_one_caption_per_image(tmp_path, monkeypatch):
+def test_has_text_trains_on_one_caption_per_image_or_the_empty_one(tmp_path, monkeypatch):
     data = make_coco_folder(tmp_path / "coco", n_train=4, n_val=1, size=8)
     clip = save_tiny_clip(tmp_path / "clip", hidden_size=16)
     with pytest.raises(SystemExit, match="--has_text needs COCO captions"):
@@ -149,23 +149,29 @@ def test_has_text_trains_on_one_caption_per_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "build_model", build_and_watch)
     exp = run(data, tmp_path / "r", "--has-text", "--text-encoder", str(clip),
-              "--cond-drop-prob", "0", "--max-steps", "3")
+              "--cond-drop-prob", "0.5", "--max-steps", "3")
     meta = train.read_meta(exp / "checkpoints" / "step-0000003")
     assert meta["args"]["has_text"] and meta["model_kwargs"]["context_dim"] == 16
-    # Which caption each context row encodes: CLIP's states of every (image i, caption j).
+    # Which caption each context row encodes: CLIP's states of every (image i, caption j), and of
+    # the empty caption that --cond-drop-prob puts in the place of a dropped one (None).
     encoder = load_text_encoder(str(clip), "cpu")
-    captions = [(i, j) for i in range(4) for j in range(3)]
+    captions = [(i, j) for i in range(4) for j in range(3)] + [None]
     with torch.no_grad():
-        states = encoder([f"image {i} of train, caption number {j}" for i, j in captions])
+        states = encoder([f"image {c[0]} of train, caption number {c[1]}" if c else ""
+                          for c in captions])
     picked = [[next(c for c, s in zip(captions, states, strict=True) if torch.allclose(row, s))
                for row in context] for context in contexts]
-    assert len(picked) == 3  # three steps of the 4 images, every image with one of its captions
-    assert all(sorted(i for i, _ in batch) == [0, 1, 2, 3] for batch in picked)
+    # Three steps of the 4 images, each image with one of its own captions or the empty one
+    assert len(picked) == 3 and all(len(batch) == 4 for batch in picked)
+    kept = [[c for c in batch if c] for batch in picked]
+    assert all(len({i for i, _ in batch}) == len(batch) for batch in kept)
+    assert 0 < sum(map(len, kept)) < 12  # --cond-drop-prob 0.5: some captions dropped, not all
     # One caption drawn per image: within a batch the caption numbers differ (the authors'
     # release drew one number for the whole batch).
-    assert any(len({j for _, j in batch}) > 1 for batch in picked), picked
+    assert any(len({j for _, j in batch}) > 1 for batch in kept), picked
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_at_the_same_global_batch(images, tmp_path, monkeypatch):
     """With the training draws made functions of the images (tests/deterministic_train.py), 2
     processes x batch 2 see the same 4 images per step as 1 process x batch 4, and averaging their
