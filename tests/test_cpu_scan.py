@@ -44,13 +44,14 @@ def relative_errors(got: dict, expected: dict) -> dict[str, float]:
             for k in expected}
 
 
-def float32_errors(inputs: dict, softplus: bool = True) -> dict[str, float]:
-    """The float32 kernel against the float64 reference on the same (float32-rounded) inputs:
-    the largest error of the output and of each gradient, relative to its largest entry."""
+def float32_errors(inputs: dict, softplus: bool = True, scan=cpu_scan) -> dict[str, float]:
+    """The float32 kernel (through `scan`) against the float64 reference on the same
+    (float32-rounded) inputs: the largest error of the output and of each gradient, relative to
+    its largest entry."""
     rounded = {k: v.detach().float().double().requires_grad_() for k, v in inputs.items()}
     y_ref, grads_ref = output_and_grads(scan_by_token, rounded, softplus)
     single = {k: v.detach().float().requires_grad_() for k, v in rounded.items()}
-    y = cpu_scan(**single, delta_softplus=softplus)
+    y = scan(**single, delta_softplus=softplus)
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad((y * weight.float()).sum(), list(single.values()))
     assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
