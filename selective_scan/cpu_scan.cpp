@@ -6,18 +6,19 @@
 // double); cpu.py allocates every output.
 //
 // Layout of the work. A scan of one channel is a chain of dependent steps, one per token, too
-// short per step to keep a core busy; so a vector holds W = 8 channels of one B/C group and the
-// scan runs them side by side: their N states live in registers, B_t and C_t are broadcast per
-// token, and softplus, the skip and the gate are computed per vector. The tokens go in tiles of
-// TL: a tile's inputs are transposed from (channel, token) into small (token, lane) buffers and
-// its outputs transposed back, so nothing of size (B, Di, L, N) is ever written. The forward
-// saves the state at every tile start (1/TL of the states); the backward walks the tiles in
-// reverse, recomputes a tile's states from its start, and runs the adjoint recurrence backwards
-// through it. Work items are (batch, block of W channels), split over threads in fixed ranges;
-// the sums over items (dA, dD, d delta_bias over the batch; dB, dC over a group's blocks) are
-// left to the caller, so no result depends on the number of threads.
+// short per step to keep a core busy; so a vector holds W channels (16 or 8, below) of one B/C
+// group and the scan runs them side by side: their N states live in registers, B_t and C_t are
+// broadcast per token, and softplus, the skip and the gate are computed per vector. The tokens go
+// in tiles of TL: a tile's inputs are transposed from (channel, token) into small (token, lane)
+// buffers and its outputs transposed back, so nothing of size (B, Di, L, N) is ever written. The
+// forward saves the state at every tile start (1/TL of the states); the backward walks the tiles
+// in reverse, recomputes a tile's states from its start, and runs the adjoint recurrence
+// backwards through it. Work items are (batch, block of W channels), split over threads in fixed
+// ranges; the sums over items (dA, dD, d delta_bias over the batch; dB, dC over a group's
+// blocks) are left to the caller, so no result depends on the number of threads.
 
-// Headers: C ones only (<thread>, <vector> and <immintrin.h> would double the build time).
+// Headers: C ones only (<thread> and <vector> would double the build time), and the intrinsics
+// only where the build targets AVX-512 (GCC's and clang's builtins differ there).
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -34,7 +35,7 @@ constexpr int W = 16;
 #else
 constexpr int W = 8;
 #endif
-constexpr int TL = 16;  // tokens per tile: the backward's buffers (2 TL N W) stay in L1
+constexpr int TL = 16;  // tokens per tile: the backward's buffers (2 TL N W) stay in L1 (32 KiB)
 
 typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
 typedef double vdouble __attribute__((vector_size(W * sizeof(double))));
@@ -49,7 +50,7 @@ template <> struct VecOf<double> { typedef vdouble type; };
 // library, one lane at a time.
 
 inline vfloat clamp(vfloat x, float lo, float hi) {
-#if defined(__AVX512F__)  // GCC's and clang's builtins differ here: the intrinsics' header
+#if defined(__AVX512F__)
   return _mm512_min_ps(_mm512_max_ps(x, vfloat{} + lo), vfloat{} + hi);
 #elif defined(__AVX__)
   return __builtin_ia32_minps256(__builtin_ia32_maxps256(x, vfloat{} + lo), vfloat{} + hi);
