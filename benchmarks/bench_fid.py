@@ -7,23 +7,24 @@ evaluate_fid.FastInception, the same weights in eager channels-last PyTorch (aft
 A benchmark, not a test: on one thread, it times both networks in turns (so that other work on
 the machine slows both alike) on real Fashion-MNIST test images at the batch sizes that
 evaluate_fid.py (50) and the demo's in-training FID (32) use, and reports images per second per
-core from the thread's CPU time (what the core spent; wall time is also given). Then it computes
-the features of --images test images and as many training images with both networks, and reports
-their largest difference and the two FIDs.
+core from the thread's CPU time (what the core spent, not the time spent waiting for it). Then
+it computes the features of --images test images and as many training images with both
+networks, and reports their largest difference and the two FIDs.
 """
 
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from benchmarks.bench_scan import cpu_machine, times_in_turns
 from download import FASHION_MNIST_SOURCE, fashion_mnist_files, read_idx
 from evaluate_fid import (
     InceptionFeatures,
@@ -48,23 +49,6 @@ def torchscript_inception() -> InceptionFeatures:
         return InceptionFeatures(torch.jit.load(default_inception_path(), map_location="cpu"))
 
 
-@torch.inference_mode()
-def time_in_turns(nets: dict, images: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
-    """Per network: median and minimum of CPU and wall seconds per image over `repeats` calls on
-    the batch `images`, the networks called in turns after one warm-up call each."""
-    for net in nets.values():
-        net(images)
-    cpu, wall = {name: [] for name in nets}, {name: [] for name in nets}
-    for _ in range(repeats):
-        for name, net in nets.items():
-            start_cpu, start_wall = time.thread_time(), time.perf_counter()
-            net(images)
-            cpu[name].append((time.thread_time() - start_cpu) / len(images))
-            wall[name].append((time.perf_counter() - start_wall) / len(images))
-    return {name: {"cpu_median": statistics.median(cpu[name]), "cpu_min": min(cpu[name]),
-                   "wall_median": statistics.median(wall[name])} for name in nets}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[50, 32])
@@ -81,21 +65,22 @@ def main() -> None:
         "(after)", "",
         f"Command: `python -m benchmarks.bench_fid {' '.join(sys.argv[1:])}`  ",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}"
-        f"; {platform.machine()}, {os.cpu_count()} cores, torch CPU capability "
+        f"; {cpu_machine()[0]}, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}; one thread. Seconds per image from the "
-        f"thread's CPU time (median and minimum of {args.repeats}, the two timed in turns) and "
-        "wall time (median); images per second per core from the median CPU time.", "",
-        "| batch | before (s/image, CPU median / min / wall) | after | before (images/s/core) "
-        "| after | speed-up |", "| --- | --- | --- | --- | --- | --- |",
+        f"thread's CPU time (median and minimum of {args.repeats}, the two timed in turns after a "
+        "warm-up); images per second per core from the median.", "",
+        "| batch | before (s/image, median / min) | after | before (images/s/core) | after | "
+        "speed-up |", "| --- | --- | --- | --- | --- | --- |",
     ]
     for batch in args.batch_sizes:
-        t = time_in_turns(nets, fashion_mnist_images("t10k", batch), args.repeats)
-        b, a = t["before"], t["after"]
-        lines.append(
-            f"| {batch} | {b['cpu_median']:.3f} / {b['cpu_min']:.3f} / {b['wall_median']:.3f} | "
-            f"{a['cpu_median']:.3f} / {a['cpu_min']:.3f} / {a['wall_median']:.3f} | "
-            f"{1 / b['cpu_median']:.2f} | {1 / a['cpu_median']:.2f} | "
-            f"{b['cpu_median'] / a['cpu_median']:.2f}x |")
+        images = fashion_mnist_images("t10k", batch)
+        with torch.inference_mode():
+            ms = times_in_turns({name: partial(net, images) for name, net in nets.items()},
+                                warmup=1, repeats=args.repeats, clock=time.thread_time)
+        b, a = ([statistics.median(ms[name]) / 1e3 / batch, min(ms[name]) / 1e3 / batch]
+                for name in ("before", "after"))
+        lines.append(f"| {batch} | {b[0]:.3f} / {b[1]:.3f} | {a[0]:.3f} / {a[1]:.3f} | "
+                     f"{1 / b[0]:.2f} | {1 / a[0]:.2f} | {b[0] / a[0]:.2f}x |")
         print(lines[-1], flush=True)
     lines += ["", f"Load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} after the "
               "timings (2 cores shared with other work).", ""]
