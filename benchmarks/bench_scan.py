@@ -251,10 +251,11 @@ def write_cpu_table(path: Path, warmup: int, repeats: int, threads: list[int],
     rows = cpu_table(warmup, repeats, threads, CLOCKS[clock][0])
     machine, mhz = cpu_machine()
     build = cpu.build_flags()[0]
+    env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY",) if k in os.environ]
     heading = f"## {build} ({load_cpu_kernel()[0].selective_scan_lanes()} lanes) on {machine}"
     lines = [
         heading, "",
-        f"Command: `{' '.join(['python -m benchmarks.bench_scan', *sys.argv[1:]])}` "
+        f"Command: `{' '.join([*env, 'python -m benchmarks.bench_scan', *sys.argv[1:]])}` "
         f"(torch capability {torch.backends.cpu.get_cpu_capability()})  ",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch "
         f"{torch.__version__}; load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at "
