@@ -95,6 +95,16 @@ def test_arm_build_float32_is_exact_to_float_precision(arm_scan, length, dim, gr
     assert max(errors.values()) < 2e-6, errors  # the bound of the x86 builds' test
 
 
+def test_arm_build_extreme_decays(arm_scan):
+    # exp's clamping to float's range, which has no x86 intrinsic on Arm (as test_cpu_scan's)
+    inputs = make_inputs(50, groups=2, dim=20, state=16)
+    with torch.no_grad():
+        inputs["A"][:6] = -1e4
+        inputs["delta"][:, 10:13] += 1e3
+    errors = float32_errors(inputs, scan=arm_scan)
+    assert max(errors.values()) < 2e-6, errors
+
+
 def test_arm_build_matches_reference_float64(arm_scan):
     assert_matches_reference(arm_scan, make_inputs(37, groups=2, dim=20, state=5), True)
 
