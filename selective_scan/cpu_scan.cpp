@@ -35,7 +35,8 @@ constexpr int W = 16;
 #else
 constexpr int W = 8;
 #endif
-constexpr int TL = 16;  // tokens per tile: the backward's buffers (2 TL N W) stay in L1 (32 KiB)
+constexpr int TL = 16;  // tokens per tile: the backward's buffers (2 TL N W) stay in L1
+                        // (32 KiB at W = 16, N = 16)
 
 typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
 typedef double vdouble __attribute__((vector_size(W * sizeof(double))));
@@ -125,11 +126,11 @@ inline void lane_sums8_avx(const vfloat8* v, float* out) {
   // hadd pairs neighbours within each 128-bit half: after two rounds, half h of ab holds the
   // partial sums of v[0..3] over lanes 4h..4h+3, and likewise cd for v[4..7].
   const vfloat8 ab = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[0], v[1]),
-                                             __builtin_ia32_haddps256(v[2], v[3]));
+                                              __builtin_ia32_haddps256(v[2], v[3]));
   const vfloat8 cd = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[4], v[5]),
-                                             __builtin_ia32_haddps256(v[6], v[7]));
+                                              __builtin_ia32_haddps256(v[6], v[7]));
   const vfloat8 sums = __builtin_ia32_vperm2f128_ps256(ab, cd, 0x20) +
-                      __builtin_ia32_vperm2f128_ps256(ab, cd, 0x31);
+                       __builtin_ia32_vperm2f128_ps256(ab, cd, 0x31);
   for (int i = 0; i < 8; ++i) out[i] = sums[i];
 }
 
