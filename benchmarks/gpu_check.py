@@ -24,12 +24,14 @@ step, so it exists whatever fails or is killed:
 it, so a broken script shows before a GPU is at hand.
 
 The one command for a GPU session (the device tool's `run`: the repository root, `python3` with
-torch 2.11+cu130 and no mamba-ssm, no network, 10 minutes; carry [".gpu-bundle"] made by
-`bash scripts/make_gpu_bundle.sh` here), timeout_s 600:
+torch 2.11+cu130 and no mamba-ssm, no network, 10 minutes a command), with timeout_s 600 and
+carry [".gpu-bundle"] (made here first: `bash scripts/make_gpu_bundle.sh`):
 
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
-    bash scripts/gpu_check.sh --bundle .gpu-bundle --out "$OUT/gpu.md" 2>&1 | tee "$OUT/log.txt";
-    cp "$OUT/gpu.md" benchmarks/results/ 2>/dev/null; true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
+    nvcc --version | tail -n 2; timeout 590 bash scripts/gpu_check.sh --bundle .gpu-bundle
+    --out "$OUT/gpu.md" > "$OUT/log.txt" 2>&1; echo "gpu_check rc=$?"; tail -c 8000 "$OUT/log.txt"
+
+(one line); then commit $OUT/gpu.md as benchmarks/results/gpu.md.
 """
 
 import argparse
@@ -38,6 +40,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +68,7 @@ PLAN = {"report": (40, 15), "parity": (60, 25), "scan": (45, 20), "models": (170
         "run": (90, 45)}
 DRY = {"scans": [{"batch": 2, "dim": 8, "length": n, "state": 4} for n in (16, 4)],
        "models": ("USM-T/1", "Zigma-T/1"), "batch": 2, "size": 8}
+GRACE = 20  # seconds a worker past its deadline may take to finish its measurement
 COLORS = ((230, 40, 90), (30, 160, 220), (250, 210, 40), (60, 200, 90))  # one per class
 
 
@@ -79,15 +83,20 @@ def unavailable(backend: str, device: str) -> str | None:
     try:
         resolve_backend(device, backend)
     except (ValueError, RuntimeError) as err:
-        return f"{type(err).__name__}: {err}"
+        return f"not available here ({type(err).__name__}: {err})"
     return None
 
 
-def parity(backends: list[str], device: str, shape: dict) -> list[dict]:
-    """Each backend against the PyTorch scan in float32 and bfloat16, judged by PARITY_TOL."""
+SPENT = "not measured: the step's share of the budget was spent"
+
+
+def parity(backends: list[str], device: str, shape: dict, deadline: float) -> list[dict]:
+    """Each backend against the PyTorch scan in float32 and bfloat16, judged by PARITY_TOL; none
+    begun after `deadline` (Unix time), as in every worker."""
     results = []
     for backend in backends:
-        if why := unavailable(backend, device):
+        why = SPENT if time.time() > deadline else unavailable(backend, device)
+        if why:
             results.append({"backend": backend, "unavailable": why})
             continue
         rows = []
@@ -104,11 +113,13 @@ def parity(backends: list[str], device: str, shape: dict) -> list[dict]:
 
 
 def scan_times(backends: list[str], device: str, shapes: list[dict], warmup: int,
-               repeats: int) -> list[dict]:
+               repeats: int, deadline: float) -> dict:
     """Median forward + backward milliseconds of each available backend per shape and dtype."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for shape in shapes:
+            if time.time() > deadline:
+                return {"rows": rows, "cut": True}
             inputs = scan_inputs(**shape, dtype=dtype, device=device)
             grad = torch.randn_like(inputs["u"])
             row = {"dtype": str(dtype).removeprefix("torch."), **shape}
@@ -116,7 +127,7 @@ def scan_times(backends: list[str], device: str, shapes: list[dict], warmup: int
                 scan = partial(selective_scan, backend=backend)
                 row[backend] = 1e3 * time_fn(fwd_bwd(scan, inputs, grad), warmup, repeats)
             rows.append(row)
-    return rows
+    return {"rows": rows, "cut": False}
 
 
 def fresh_peak(fn, **kwargs) -> dict:
@@ -133,7 +144,8 @@ def fresh_peak(fn, **kwargs) -> dict:
 
 
 def model_figures(names: list[str], backend: str, checkpointing: list[bool], sampling: bool,
-                  device: str, size: int, batch: int, warmup: int, repeats: int) -> list[dict]:
+                  device: str, size: int, batch: int, warmup: int, repeats: int,
+                  deadline: float) -> list[dict]:
     """benchmark.py's training figures (img/s, peak MiB) of each model for each checkpointing
     setting, and its sampling figures (step latency at batch 1, peak) in the row without."""
     rows = []
@@ -142,6 +154,9 @@ def model_figures(names: list[str], backend: str, checkpointing: list[bool], sam
                       warmup=warmup, repeats=repeats, scan_backend=backend, precision="bf16")
         for checkpoint in checkpointing:
             row = {"model": name, "backend": backend, "checkpoint": checkpoint}
+            if time.time() > deadline:
+                rows.append(row | {"error": SPENT})
+                continue
             row |= fresh_peak(measure_training, batch=batch, checkpoint=checkpoint, **common)
             if sampling and not checkpoint:
                 row |= fresh_peak(measure_sampling, batch=batch, **common)
@@ -157,11 +172,13 @@ class StepError(RuntimeError):
 
 
 def call(worker: str, timeout: float, **kwargs) -> object:
-    """WORKERS[worker](**kwargs) in a fresh process (its own CUDA context and memory peak),
-    killed after `timeout` seconds (subprocess.TimeoutExpired)."""
+    """WORKERS[worker](**kwargs) in a fresh process (its own CUDA context and memory peak). It
+    begins no measurement after `timeout` seconds, and is killed (subprocess.TimeoutExpired) if
+    the one under way has not ended GRACE seconds later."""
+    kwargs["deadline"] = time.time() + timeout
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", "--worker", worker, json.dumps(kwargs)],
-        cwd=REPO, capture_output=True, text=True, timeout=max(timeout, 1))
+        cwd=REPO, capture_output=True, text=True, timeout=max(timeout, 0) + GRACE)
     if result.returncode:
         raise StepError(f"{worker} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.splitlines()[-1])
@@ -207,6 +224,23 @@ def models_step(device: str, backends: list[str], dry: bool, short: bool, timeou
         rows += figures(end - time.monotonic(), names=[models[0]], backend=backend,
                         checkpointing=[False], sampling=False)
     return {"rows": rows, "skipped_backends": skipped, "warmup": warmup, "repeats": repeats}
+
+
+def environment_report() -> str:
+    """Step 1: kernel_report's versions and backends, and what else the timings depend on."""
+    from torch.utils.cpp_extension import CUDA_HOME  # where torch's extension builds find nvcc
+
+    from selective_scan.check import package_version
+    path = shutil.which("nvcc") or (CUDA_HOME and str(Path(CUDA_HOME) / "bin" / "nvcc"))
+    nvcc = subprocess.run([path, "--version"], capture_output=True, text=True) if (
+        path and Path(path).exists()) else None
+    lines = [kernel_report(), f"CPU cores: {os.cpu_count()}",
+             *(f"{name}: {package_version(name)}" for name in ("triton", "diffusers")),
+             f"nvcc: {nvcc.stdout.strip().splitlines()[-1] if nvcc else 'not found'}"]
+    if torch.cuda.is_available():
+        lines.append(f"GPU memory: {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} "
+                     f"GiB")
+    return "\n".join(lines)
 
 
 def make_images(root: Path, per_class: int = 16, size: int = 32) -> Path:
@@ -287,7 +321,7 @@ def parity_section(results: list[dict]) -> str:
     rows, missing = [], []
     for result in results:
         if "unavailable" in result:
-            missing.append(f"- {result['backend']}: not available here ({result['unavailable']})")
+            missing.append(f"- {result['backend']}: {result['unavailable']}")
         for r in result.get("rows", []):
             rows.append([result["backend"], r["dtype"], *(f"{r['errors'][n]:.1e}" for n in names),
                          f"{r['tol']:.0e}", "ok" if r["ok"] else f"FAILED ({r['worst']})"])
@@ -302,7 +336,8 @@ def scan_section(result: dict) -> str:
     return "Forward + backward (all eight gradients), median ms.\n\n" + table(
         ["dtype", "B", "Di", "L", "N", *backends],
         [[r["dtype"], *(str(r[k]) for k in ("batch", "dim", "length", "state")),
-          *(f"{r[b]:.2f}" for b in backends)] for r in result["rows"]])
+          *(f"{r[b]:.2f}" for b in backends)] for r in result["rows"]]) + (
+        f"\n\nThe other shapes: {SPENT}." if result["cut"] else "")
 
 
 def models_section(result: dict) -> str:
@@ -403,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["scan_backends"].append("torch")
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     steps_to_run = {
-        "report": lambda share, short: kernel_report(),
+        "report": lambda share, short: environment_report(),
         "parity": lambda share, short: call("parity", share, backends=parity_backends,
                                             device=device, shape=scans[0]),
-        "scan": lambda share, short: {"backends": meta["scan_backends"], "rows": call(
+        "scan": lambda share, short: {"backends": meta["scan_backends"], **call(
             "scan_times", share, backends=meta["scan_backends"], device=device, shapes=scans,
             warmup=1 if short else 3, repeats=3 if short else 10)},
         "models": lambda share, short: models_step(device, meta["scan_backends"], args.dry_run,

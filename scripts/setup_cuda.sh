@@ -53,6 +53,8 @@ setup_cuda() (
     "into ${prefix:-its environment}${bundle:+, offline from $bundle}"
 
   if [ "$dry_run" = 0 ]; then
+    cuda_bin="${CUDA_HOME:-/usr/local/cuda}/bin"  # the toolkit's usual place, if not on PATH
+    command -v nvcc >/dev/null || [ ! -x "$cuda_bin/nvcc" ] || export PATH="$cuda_bin:$PATH"
     command -v nvcc >/dev/null || { echo "setup_cuda: nvcc not found: install the CUDA toolkit" \
       "and put its bin/ on PATH (or set CUDA_HOME)" >&2; exit 1; }
     torch_cuda="$("$python" -c 'import torch; print(torch.version.cuda or "")')"

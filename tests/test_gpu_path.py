@@ -206,12 +206,24 @@ def test_parity_judges_two_different_scans_and_names_what_is_missing(monkeypatch
     monkeypatch.setattr(gpu_check, "selective_scan", lambda backend, **kw: scan(backend, **kw))
     monkeypatch.setattr(gpu_check, "resolve_backend", lambda device, backend: (
         resolve_backend(device, "torch" if backend == "no-skip" else backend)))
-    chunked, broken, triton = gpu_check.parity(["cpu", "no-skip", "triton"], "cpu", shape)
+    chunked, broken, triton = gpu_check.parity(["cpu", "no-skip", "triton"], "cpu", shape,
+                                               deadline=time.time() + 600)
     assert [(r["dtype"], r["ok"]) for r in chunked["rows"]] == [("float32", True),
                                                                ("bfloat16", True)]
     assert [r["ok"] for r in broken["rows"]] == [False, False]
     assert all(r["errors"][k] > r["tol"] for r in broken["rows"] for k in ("out", "D"))
     assert triton["backend"] == "triton" and "Error: " in triton["unavailable"]
+
+
+def test_workers_begin_nothing_after_their_deadline():
+    past = time.time() - 1
+    assert gpu_check.parity(["cpu"], "cpu", {}, deadline=past) == [
+        {"backend": "cpu", "unavailable": gpu_check.SPENT}]
+    assert gpu_check.scan_times(["torch"], "cpu", [{}], 1, 1, deadline=past) == {
+        "rows": [], "cut": True}
+    rows = gpu_check.model_figures(["USM-T/1"], "torch", [False, True], True, "cpu", 8, 2, 1, 1,
+                                   deadline=past)
+    assert [r["error"] for r in rows] == [gpu_check.SPENT] * 2
 
 
 def model_row(model, backend, checkpoint, img_s, mb, **more):
@@ -237,8 +249,9 @@ def test_gpu_report_shows_every_step_and_measurement():
     parity = [{"backend": "mamba_ssm", "rows": [
         {"dtype": "float32", "errors": errors, "worst": "out", "tol": 1e-3, "ok": True},
         {"dtype": "bfloat16", "errors": {**errors, "B": 0.2}, "worst": "B", "tol": 5e-2,
-         "ok": False}]}, {"backend": "triton", "unavailable": "ValueError: no such backend"}]
-    scan = {"backends": ["mamba_ssm", "torch"], "rows": [
+         "ok": False}]}, {"backend": "triton",
+                  "unavailable": "not available here (ValueError: no such backend)"}]
+    scan = {"backends": ["mamba_ssm", "torch"], "cut": True, "rows": [
         {"dtype": "float32", "batch": 8, "dim": 1536, "length": 1024, "state": 16,
          "mamba_ssm": 1.234, "torch": 12.5}]}
     models = {"rows": [model_row("USM-B/1", "mamba_ssm", False, 123.4, 2048.0, sample_ms=5.25,
@@ -264,6 +277,7 @@ def test_gpu_report_shows_every_step_and_measurement():
     assert "| mamba_ssm | bfloat16 |" in text and "FAILED (B)" in text and "2.0e-01" in text
     assert "triton: not available here (ValueError: no such backend)" in text
     assert "| float32 | 8 | 1536 | 1024 | 16 | 1.23 | 12.50 |" in text
+    assert f"The other shapes: {gpu_check.SPENT}" in text
     assert "| USM-B/1 | mamba_ssm | no | 123.4 | 2048 | 5.2 | 700 |" in text
     assert "| Zigma-B/1 | mamba_ssm | no | out of memory | – | – | – |" in text
     assert "could not be checked" in text and "USM-B/1 with torch: not measured" in text
