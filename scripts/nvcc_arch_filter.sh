@@ -19,7 +19,11 @@ while (($#)); do
     *) args+=("$1"); shift; continue ;;
   esac
   arch="${code#arch=compute_}"
-  if [[ "$keep" == *" ${arch%%,*} "* ]]; then args+=(-gencode "$code"); else dropped=1; fi
+  if [[ "$keep" != *" ${arch%%,*} "* ]]; then
+    dropped=1
+  elif [[ " ${args[*]} " != *" -gencode $code "* ]]; then  # torch's flags repeat the setup.py's
+    args+=(-gencode "$code")
+  fi
 done
 [ "$dropped" = 0 ] || [[ " ${args[*]} " == *" -gencode "* ]] \
   || { echo "nvcc_arch_filter: no -gencode for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" >&2; exit 1; }

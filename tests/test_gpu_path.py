@@ -337,12 +337,14 @@ def test_gpu_check_dry_run_installs_the_bundle_and_runs_every_step(tmp_path):
 
 def test_nvcc_arch_filter_keeps_only_the_asked_architectures(tmp_path):
     """scripts/nvcc_arch_filter.sh (PYTORCH_NVCC of setup_cuda.sh) passes nvcc everything but the
-    -gencode pairs of other architectures, in both spellings, and refuses to drop them all."""
+    -gencode pairs of other architectures and repeated ones, in both spellings, and refuses to
+    drop them all."""
     echo = tmp_path / "nvcc"
     echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     echo.chmod(0o755)
     flags = ["-c", "scan.cu", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
              "arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90",
+             "-gencode=arch=compute_90,code=sm_90",
              "-gencode=arch=compute_120,code=sm_120", "--threads", "4"]
 
     def nvcc(archs: str) -> subprocess.CompletedProcess:
