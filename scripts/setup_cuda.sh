@@ -45,7 +45,7 @@ setup_cuda() (
   put_on_path() {  # the prefix's site-packages on PYTHONPATH, so pip sees what it installed
     local site
     [ -n "$prefix" ] || return 0
-    site="$(find "$prefix" -maxdepth 5 -type d -name '*-packages' | head -n 1)"
+    site="$(find "$prefix" -maxdepth 5 -type d -name '*-packages' 2>/dev/null | head -n 1)"
     [ -z "$site" ] || export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   }
   put_on_path
@@ -57,6 +57,12 @@ setup_cuda() (
     command -v nvcc >/dev/null || [ ! -x "$cuda_bin/nvcc" ] || export PATH="$cuda_bin:$PATH"
     command -v nvcc >/dev/null || { echo "setup_cuda: nvcc not found: install the CUDA toolkit" \
       "and put its bin/ on PATH (or set CUDA_HOME)" >&2; exit 1; }
+    # torch takes nvcc's ../ for the toolkit, wrong where nvcc on PATH is a wrapper script (e.g.
+    # /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): nvcc says where it lives.
+    if [ -z "${CUDA_HOME:-}" ]; then
+      here="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p')"
+      [ -z "$here" ] || export CUDA_HOME="$(dirname "$(head -n 1 <<< "$here")")"
+    fi
     torch_cuda="$("$python" -c 'import torch; print(torch.version.cuda or "")')"
     nvcc_cuda="$(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
     [ -n "$torch_cuda" ] || { echo "setup_cuda: this torch is a CPU-only build" >&2; exit 1; }
@@ -73,9 +79,10 @@ setup_cuda() (
     jobs="$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / (3 * 1024 * 1024) ))"
     jobs="$(( jobs < $(nproc) ? (jobs > 1 ? jobs : 1) : $(nproc) ))"
     export TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$jobs}"
-    export REAL_NVCC="$(command -v nvcc)" PYTORCH_NVCC="$root/scripts/nvcc_arch_filter.sh"
-    echo "setup_cuda: torch CUDA $torch_cuda, nvcc $nvcc_cuda, arch $TORCH_CUDA_ARCH_LIST," \
-      "MAX_JOBS $MAX_JOBS"
+    export REAL_NVCC="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+    export PYTORCH_NVCC="$root/scripts/nvcc_arch_filter.sh"
+    echo "setup_cuda: torch CUDA $torch_cuda, nvcc $nvcc_cuda (CUDA_HOME ${CUDA_HOME:-not set})," \
+      "arch $TORCH_CUDA_ARCH_LIST, MAX_JOBS $MAX_JOBS"
   else  # the kernels' Python code only: exercises the offline install without a compiler
     export MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE
   fi
