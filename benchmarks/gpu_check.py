@@ -55,7 +55,13 @@ from PIL import Image
 from benchmarks.bench_scan import fwd_bwd, time_fn
 from benchmarks.benchmark import measure_sampling, measure_training
 from selective_scan import resolve_backend, selective_scan
-from selective_scan.check import PARITY_TOL, kernel_report, scan_inputs, scan_parity
+from selective_scan.check import (
+    PARITY_TOL,
+    kernel_report,
+    package_version,
+    scan_inputs,
+    scan_parity,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NINE_MINUTES = 540
@@ -215,9 +221,10 @@ def models_step(device: str, backends: list[str], dry: bool, short: bool, timeou
     figures = partial(call, "model_figures", size=size, batch=batch, device=device,
                       warmup=warmup, repeats=repeats)
     rows = []
-    for names in [list(models)] if dry else [[name] for name in models]:
-        rows += figures(end - time.monotonic(), names=names, backend=backends[0],
-                        checkpointing=[False, True], sampling=True)
+    groups = [list(models)] if dry else [[name] for name in models]
+    for i, names in enumerate(groups):  # an equal part of what is left to each
+        rows += figures((end - time.monotonic()) / (len(groups) - i), names=names,
+                        backend=backends[0], checkpointing=[False, True], sampling=True)
     # The comparison above comes first; the other backends only in a full run.
     skipped = backends[1:] if short else []
     for backend in [] if short else backends[1:]:
@@ -228,9 +235,7 @@ def models_step(device: str, backends: list[str], dry: bool, short: bool, timeou
 
 def environment_report() -> str:
     """Step 1: kernel_report's versions and backends, and what else the timings depend on."""
-    from torch.utils.cpp_extension import CUDA_HOME  # where torch's extension builds find nvcc
-
-    from selective_scan.check import package_version
+    from torch.utils.cpp_extension import CUDA_HOME  # (imported here: it warns without CUDA)
     path = shutil.which("nvcc") or (CUDA_HOME and str(Path(CUDA_HOME) / "bin" / "nvcc"))
     nvcc = subprocess.run([path, "--version"], capture_output=True, text=True) if (
         path and Path(path).exists()) else None
