@@ -18,7 +18,7 @@ python3 -m venv "$venv"
 # The lock's exact versions for everything but torch and what comes with it (its CUDA libraries
 # and triton), which that torch pins itself.
 constraints="$venv/constraints.txt"
-grep -vE '^(torch|torchvision|triton|nvidia-|cuda-)' requirements-lock.txt > "$constraints"
+grep -vE '^((torch|torchvision|triton)==|nvidia-|cuda-)' requirements-lock.txt > "$constraints"
 [[ "$version" == *.*.* ]] || version="$version.*"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     -c "$constraints" -r requirements-dev.txt "torch==$version"
