@@ -69,9 +69,11 @@ GPU_BACKENDS = ("mamba_ssm", "triton")  # "triton": selective_scan/ once that ba
 USM_B_SCANS = [{"batch": 8, "dim": 1536, "length": n, "state": 16} for n in (1024, 256, 64, 16)]
 MODELS = ("USM-B/1", "Zigma-B/1")
 BATCH, SIZE = 8, 32  # latents of 256 px images
-# Seconds each step is planned to take on an H100, and the least it can do anything useful in.
-PLAN = {"report": (40, 15), "parity": (60, 25), "scan": (45, 20), "models": (170, 60),
-        "run": (90, 45)}
+# Seconds each step is planned to take on an H100, and the least it can do anything useful in:
+# 345 s in all, the rest of 540 s after a kernel build of about 3 min (estimated from a build
+# without a GPU: 20 CPU-min for both kernels, its longest file ~2 min of one core).
+PLAN = {"report": (30, 15), "parity": (45, 20), "scan": (40, 15), "models": (150, 60),
+        "run": (80, 40)}
 DRY = {"scans": [{"batch": 2, "dim": 8, "length": n, "state": 4} for n in (16, 4)],
        "models": ("USM-T/1", "Zigma-T/1"), "batch": 2, "size": 8}
 GRACE = 20  # seconds a worker past its deadline may take to finish its measurement
