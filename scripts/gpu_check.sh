@@ -41,5 +41,4 @@ if [ -n "$bundle" ]; then
   cat "$log"
   rm -f "$log"
 fi
-set -euo pipefail  # (setup_cuda.sh leaves the options alone; this keeps them for what follows)
 exec "$python" -m benchmarks.gpu_check --since "$since" "${build[@]}" "${args[@]}"
