@@ -53,7 +53,6 @@ import torch
 from PIL import Image
 
 from benchmarks.bench_scan import fwd_bwd, time_fn
-from benchmarks.benchmark import measure_sampling, measure_training
 from selective_scan import resolve_backend, selective_scan
 from selective_scan.check import (
     PARITY_TOL,
@@ -156,6 +155,9 @@ def model_figures(names: list[str], backend: str, checkpointing: list[bool], sam
                   deadline: float) -> list[dict]:
     """benchmark.py's training figures (img/s, peak MiB) of each model for each checkpointing
     setting, and its sampling figures (step latency at batch 1, peak) in the row without."""
+    # Imported here: benchmark.py reaches diffusers (through cli.py), which a machine may lack
+    # when the bundle did not install; the other steps still run and gpu.md says what failed.
+    from benchmarks.benchmark import measure_sampling, measure_training
     rows = []
     for name in names:
         common = dict(name=name, size=size, text=False, device=device, threads=1,

@@ -360,3 +360,12 @@ def test_nvcc_arch_filter_keeps_only_the_asked_architectures(tmp_path):
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_120,code=sm_120"]
     refused = nvcc("7.5")
     assert refused.returncode == 1 and "no -gencode" in refused.stderr
+
+
+def test_gpu_check_starts_without_diffusers():
+    """gpu.md must be written even where the bundle's diffusers did not install: the check and
+    its scan workers import without it (only the model and training steps need it)."""
+    blocked = "import sys; sys.modules['diffusers'] = None; import benchmarks.gpu_check"
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
