@@ -234,7 +234,8 @@ def models_step(device: str, backends: list[str], dry: bool, short: bool, timeou
     for backend in [] if short else backends[1:]:
         rows += figures(end - time.monotonic(), names=[models[0]], backend=backend,
                         checkpointing=[False], sampling=False)
-    return {"rows": rows, "skipped_backends": skipped, "warmup": warmup, "repeats": repeats}
+    return {"rows": rows, "skipped_backends": skipped, "model": models[0], "warmup": warmup,
+            "repeats": repeats}
 
 
 def environment_report() -> str:
@@ -364,8 +365,8 @@ def models_section(result: dict) -> str:
                    "sampling step (ms)", "sampling peak (MiB)"], rows),
             *claims(result["rows"])]
     if result["skipped_backends"]:
-        text.append(f"USM-B/1 with {', '.join(result['skipped_backends'])}: not measured (the "
-                    f"step's share of the budget was short).")
+        text.append(f"{result['model']} with {', '.join(result['skipped_backends'])}: not "
+                    f"measured (the step's share of the budget was short).")
     return "\n\n".join(text)
 
 

@@ -258,7 +258,7 @@ def test_gpu_report_shows_every_step_and_measurement():
                                  sample_mb=700.0),
                        {"model": "Zigma-B/1", "backend": "mamba_ssm", "checkpoint": False,
                         "error": "out of memory"}],
-              "skipped_backends": ["torch"], "warmup": 2, "repeats": 5}
+              "skipped_backends": ["torch"], "model": "USM-B/1", "warmup": 2, "repeats": 5}
     run = {"command": "train.py --model USM-T/2", "losses": [1.0, 0.2], "falls": True,
            "backend": "Selective scan backend: mamba_ssm (...)", "samples": [16, 32, 32, 3]}
     meta = {"machine": "NVIDIA H100", "dry": False, "args": "--bundle .gpu-bundle",
