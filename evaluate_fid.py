@@ -194,8 +194,10 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
                    resize: str = "tf1") -> InceptionFeatures:
     """The FID Inception TorchScript file at path (default: default_inception_path()) on device,
     fed through the resize named (a key of RESIZES)."""
-    with warnings.catch_warnings():  # torch 2.15 flags torch.jit.load as deprecated; the file is
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript, there is no other loader
+    # torch flags torch.jit.load as deprecated (DeprecationWarning in 2.11, FutureWarning in
+    # 2.15); the file is TorchScript, which nothing else reads
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")
         net = torch.jit.load(path or default_inception_path(), map_location="cpu")
     if FastInception.fits(net):
         net = FastInception(net)

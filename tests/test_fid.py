@@ -202,7 +202,7 @@ def test_bad_inputs(tmp_path):
         statistics_of(tmp_path / "floats.npz", TinyFeatures())
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # 2.11 and 2.15 alike
 def test_command_line_with_saved_statistics(tmp_path, capsys):
     # A tiny TorchScript network stands in for the Inception file given with --inception.
     torch.jit.script(TinyFeatures(3).net).save(tmp_path / "net.pt")

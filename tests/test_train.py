@@ -71,7 +71,8 @@ def images(tmp_path_factory) -> Path:
 def features(tmp_path_factory) -> Path:
     """A tiny TorchScript feature network that stands in for Inception and keeps FID cheap."""
     path = tmp_path_factory.mktemp("features") / "features.pt"
-    with pytest.warns(FutureWarning, match="deprecated"):  # torch 2.15 deprecates TorchScript
+    # torch deprecates TorchScript: a DeprecationWarning in 2.11, a FutureWarning in 2.15
+    with pytest.warns((DeprecationWarning, FutureWarning), match="deprecated"):
         net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
                                                    torch.nn.Flatten()))
     net.save(str(path))
