@@ -19,6 +19,9 @@ from selective_scan import cpu
 from tests.test_cpu_scan import float32_errors
 from tests.test_selective_scan import assert_matches_reference, make_inputs
 
+# Cross builds and an emulator: the slow tier (bash scripts/test.sh --fast leaves them out).
+pytestmark = pytest.mark.slow
+
 DRIVER = Path(__file__).with_name("cpu_scan_driver.cpp")  # the kernel behind stdin and stdout
 COMPILERS = {"g++": ["aarch64-linux-gnu-g++"], "clang": ["clang++", "--target=aarch64-linux-gnu"]}
 QEMU = next((tool for tool in ("qemu-aarch64", "qemu-aarch64-static") if shutil.which(tool)),

@@ -313,6 +313,7 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_installs_the_bundle_and_runs_every_step(tmp_path):
     """The whole script on the CPU, as CI runs it: a bundle (one stand-in wheel, without the
     kernels' sources, which make_gpu_bundle.sh downloads) installed offline into a scratch
