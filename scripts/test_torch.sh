@@ -2,7 +2,9 @@
 # The core of the suite on another torch of the supported range (requirements.txt), from scratch:
 # a fresh virtual environment .venv-torchVERSION with that torch, the torchvision built for it,
 # and every other package at the version of requirements-lock.txt; then the models, every scan
-# backend, the diffusion, the checkpoints and short train.py + sample.py runs.
+# backend (the Triton scan with the Triton that torch brings: 3.6 with torch 2.11, the GPU
+# machines' pair), the FID network, the diffusion, the checkpoints and short train.py + sample.py
+# runs.
 # Usage: bash scripts/test_torch.sh VERSION [pytest args]   e.g. 2.11 (newest 2.11.x) or 2.11.0
 # Each torchvision wheel requires exactly one torch, so pip picks the torchvision of
 # requirements.txt's range that goes with the torch asked for.
@@ -32,7 +34,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 VENV="$PWD/$venv
 status=0
 "$venv/bin/python" -m pytest -q -n auto -p no:cacheprovider \
     tests/test_models.py tests/test_selective_scan.py tests/test_cpu_scan.py \
-    tests/test_gpu_path.py tests/test_diffusion.py tests/test_checkpoint_faults.py \
+    tests/test_triton_scan.py tests/test_gpu_path.py tests/test_fid.py tests/test_diffusion.py tests/test_checkpoint_faults.py \
     tests/test_train.py tests/test_sample.py "$@" || status=$?
 echo "test_torch: torch==$version: set-up $(( installed - start )) s," \
      "tests $(( SECONDS - installed )) s"
