@@ -80,17 +80,23 @@ class StopConditions(StopSignals):
     one and a save still fit: as many steps as there are to the next check, at the slowest step
     time seen, plus the slowest evaluation when one falls in between, plus the slowest save. Steps
     are timed on the host between check points (which wait for the device), evaluations and saves
-    by `timed`."""
+    by `timed`. Until a save has been timed, the setup's time (from this object's creation to
+    `start`) stands for it: the setup builds or loads the state a save writes, and counting an
+    untimed save as free let a run overshoot its limit by the length of its first save."""
 
     def __init__(self, deadline: float | None, announce=None, clock=time.time):
         super().__init__(*([announce] if announce else []))
         self.deadline, self._clock = deadline, clock
         self.slowest = {"step": 0.0, "eval": 0.0, "save": 0.0}
         self._since, self._set_aside, self._step = clock(), 0.0, None
+        self.setup = 0.0  # seconds from creation to start: an untimed save's stand-in
 
     def start(self, step: int) -> None:
         """The loop starts at `step`: step times count from now."""
-        self._since, self._set_aside, self._step = self._clock(), 0.0, step
+        now = self._clock()
+        if self._step is None:
+            self.setup = now - self._since
+        self._since, self._set_aside, self._step = now, 0.0, step
 
     @contextmanager
     def timed(self, kind: str):
@@ -109,7 +115,7 @@ class StopConditions(StopSignals):
             per_step = (now - self._since - self._set_aside) / (step - self._step)
             self.slowest["step"] = max(self.slowest["step"], per_step)
         self._since, self._set_aside, self._step = now, 0.0, step
-        ahead = (steps_ahead * self.slowest["step"] + self.slowest["save"]
+        ahead = (steps_ahead * self.slowest["step"] + (self.slowest["save"] or self.setup)
                  + (self.slowest["eval"] if eval_ahead else 0.0))
         late = self.deadline is not None and now + ahead > self.deadline
         return [float(name in self.received) for name in REASONS[:-1]] + [float(late)]

@@ -131,6 +131,19 @@ def test_the_deadline_leaves_room_for_the_slowest_steps_evaluation_and_save():
     assert stop.votes(15, 5, eval_ahead=True) == [0, 0, 0, 1]  # 1064 + 17 + 20 + 7 = 1108
 
 
+def test_an_untimed_save_counts_as_long_as_the_setup():
+    clock = Clock()
+    stop = StopConditions(deadline=1095.0, announce=print, clock=clock)
+    clock.now = 1030.0  # a setup of 30 s: it builds the state a save will write
+    stop.start(0)
+    clock.now = 1050.0  # 5 steps of 4 s
+    assert stop.votes(5, 5, eval_ahead=False) == [0, 0, 0, 1]  # 1050 + 5 x 4 + 30 > 1095
+    with stop.timed("save"):  # once a save is timed, its own time counts instead
+        clock.now += 2
+    clock.now += 5 * 4
+    assert stop.votes(10, 5, eval_ahead=False) == [0, 0, 0, 0]  # 1072 + 5 x 4 + 2 <= 1095
+
+
 def test_agreement_from_the_averaged_votes():
     agreed = StopConditions.agreed
     assert agreed([0, 0, 0, 0], 2) == []
