@@ -167,11 +167,11 @@ def use_scan_backend(backend: str, device: torch.device) -> str:
     on `device` uses, and why. Refuses (SystemExit) where mamba_ssm, triton or cpu was asked for
     and cannot run; "auto" without the device's fused scan warns once, naming the error and the
     fix."""
-    set_backend(backend)
     try:
-        used, why = resolve_backend(device)
-    except RuntimeError as err:
+        used, why = resolve_backend(device, backend)
+    except RuntimeError as err:  # refused: the process-wide setting stays as it was
         raise fail(f"--scan-backend {backend}: {err}") from err
+    set_backend(backend)
     if used == "torch" and backend == "auto":
         if device.type == "cuda":
             warn_slow_path()

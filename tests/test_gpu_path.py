@@ -80,6 +80,7 @@ def test_scan_backend_option_logs_refuses_and_warns_once(no_kernel):
     assert line == "Selective scan backend: {} ({})".format(*resolve_backend("cpu", "auto"))
     with pytest.raises(SystemExit, match="--scan-backend mamba_ssm: .*setup_cuda.sh"):
         cli.use_scan_backend("mamba_ssm", torch.device("cpu"))
+    assert dispatch.get_backend() == "auto"  # a refused backend is not left set for what follows
     with pytest.warns(RuntimeWarning, match="selective_scan_cuda.*scripts/setup_cuda.sh") as seen:
         cli.use_scan_backend("auto", CUDA)
         cli.use_scan_backend("auto", CUDA)
