@@ -19,7 +19,7 @@ Three models: USM-T/4, Zigma-T/4 and USM-T/4 without its skip connections (the p
 3. Each model at its rate, --seeds seeds (seed 0 is the sweep's run), scored at every budget
    against the first --ref-images test images: FD in the 128-d features of a small Fashion-MNIST
    CNN (experiments/classifier.py) on --num-samples class-balanced samples, and FID (Inception
-   pool3) on the first --fid-samples of them (Inception: about 0.12 s of CPU time per image,
+   pool3) on the first --fid-samples of them (Inception: about 0.1 s of CPU time per image,
    benchmarks/results/fid_cpu.md).
    Samples: 25 Euler steps, no guidance.
 
