@@ -74,17 +74,19 @@ def main() -> None:
         "| batch | threads | before (s/image, median / min) | after | before (images/s/core) | "
         "after | speed-up |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    # one thread first: NNPACK's thread pool takes torch's thread count at its first use
-    for threads, clock in [(1, time.thread_time), (cores, time.perf_counter)]:
+    # one thread by its CPU time, then (on a machine of several cores) all of them by the wall
+    # clock; either way seconds times threads are core-seconds
+    thread_counts = [1] + [cores] * (cores > 1)
+    for threads in thread_counts:
         torch.set_num_threads(threads)
+        clock = time.thread_time if threads == 1 else time.perf_counter
         for batch in args.batch_sizes:
             images = fashion_mnist_images("t10k", batch)
             with torch.inference_mode():
                 ms = times_in_turns({name: partial(net, images) for name, net in nets.items()},
                                     warmup=1, repeats=args.repeats, clock=clock)
-            per_core = threads if clock is time.perf_counter else 1
-            b, a = ([statistics.median(ms[name]) / 1e3 / batch * per_core,
-                     min(ms[name]) / 1e3 / batch * per_core] for name in ("before", "after"))
+            b, a = ([statistics.median(ms[name]) / 1e3 / batch * threads,
+                     min(ms[name]) / 1e3 / batch * threads] for name in ("before", "after"))
             lines.append(f"| {batch} | {threads} | {b[0]:.3f} / {b[1]:.3f} | {a[0]:.3f} / "
                          f"{a[1]:.3f} | {1 / b[0]:.2f} | {1 / a[0]:.2f} | {b[0] / a[0]:.2f}x |")
             print(lines[-1], flush=True)
@@ -99,9 +101,8 @@ def main() -> None:
         with torch.inference_mode():
             return [torch.cat([net(b) for b in x.split(50)]).double() for x in (test, train)]
 
-    runs = {"before": features(nets["before"], cores),
-            "after, 1 thread": features(nets["after"], 1),
-            f"after, {cores} threads": features(nets["after"], cores)}
+    runs = {"before": features(nets["before"], cores)}
+    runs |= {f"after, {t} thread{'s' * (t > 1)}": features(nets["after"], t) for t in thread_counts}
     fids = {name: frechet_distance(*compute_statistics(f[0], torch.nn.Identity()),
                                    *compute_statistics(f[1], torch.nn.Identity()))
             for name, f in runs.items()}
